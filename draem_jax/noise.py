@@ -1,0 +1,173 @@
+"""Perlin noise and the thresholded Perlin masks that shape DRAEM's simulated anomalies.
+
+The noise is the reference ``rand_perlin_2d_np`` (REFERENCE.md 3.3): random unit gradients on an
+(r0+1) x (r1+1) lattice, quintic fade, bilinear blend of the four corner dot products, scaled by sqrt(2).
+
+Unlike the reference, the lattice resolution may be a *traced* value: every pixel computes its own cell
+index and in-cell fraction with integer arithmetic and gathers its corner gradients from a fixed-size
+angle table. One compiled program therefore serves all 36 resolutions that DRAEM draws, with no branch
+per resolution and no retracing.
+
+Shapes the lattice does not divide are handled like anomalib: the noise is evaluated on the next larger
+grid the lattice divides and cropped to the top-left (H, W). Only the kept pixels are computed. We pad
+to the next multiple of the resolution (not to the next power of two, as anomalib does), so the cell size
+stays as close as possible to H / r and any resolution that divides the shape gives exactly the reference.
+"""
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from draem_jax import geometry
+from draem_jax import prng
+
+_SQRT2 = math.sqrt(2.0)
+
+
+def _check_shape(shape: Sequence[int]) -> tuple[int, int]:
+  """Validates a static (H, W) output shape."""
+  if len(shape) != 2 or any(not isinstance(s, int) or s < 1 for s in shape):
+    raise ValueError(f"noise shape must be two positive Python ints (H, W), got {shape!r}")
+  return int(shape[0]), int(shape[1])
+
+
+def _fade(t: jax.Array) -> jax.Array:
+  """Quintic fade 6t^5 - 15t^4 + 10t^3 (Horner form)."""
+  return t * t * t * (t * (t * 6.0 - 15.0) + 10.0)
+
+
+def _axis_cells(n: int, r: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Cell index and in-cell fraction of the n pixels of one axis for r lattice cells.
+
+  The axis is virtually padded to ceil(n / r) * r pixels (= n when r divides n, as in the reference).
+
+  Args:
+    n: static number of pixels along the axis.
+    r: scalar int32 number of lattice cells (may be traced).
+
+  Returns:
+    cell: (n,) int32 in [0, r).
+    frac: (n,) float32 in [0, 1): (i * r / padded) mod 1, the reference's ``grid`` value.
+  """
+  padded = (n + r - 1) // r * r
+  # Integer arithmetic keeps the cell boundaries exact for any n (float y * r / n could land on the
+  # wrong side of a boundary).
+  pos = jnp.arange(n, dtype=jnp.int32) * r
+  cell = pos // padded
+  frac = (pos - cell * padded).astype(jnp.float32) / padded.astype(jnp.float32)
+  return cell, frac
+
+
+def perlin_from_angles(angles: jax.Array, shape: Sequence[int],
+                       res: Sequence[int] | jax.Array | None = None) -> jax.Array:
+  """Deterministic Perlin noise from lattice gradient angles (REFERENCE.md 3.3).
+
+  Args:
+    angles: (A0, A1) float gradient angles in radians; the gradient at lattice corner (i, j) is
+      (cos, sin) of ``angles[i, j]``, its first component pairing with the row offset.
+    shape: static output shape (H, W).
+    res: lattice resolution (r0, r1). None (the default) means (A0 - 1, A1 - 1), i.e. ``angles`` is the
+      whole lattice. Otherwise an int pair or an int array of shape (2,), possibly traced, with
+      1 <= r <= A - 1 per axis; only ``angles[:r0 + 1, :r1 + 1]`` is used.
+
+  Returns:
+    (H, W) float32 noise, roughly in [-1, 1]. When r divides the shape along an axis this is the
+    reference formula; otherwise it is the top-left crop of the noise on the next multiple of r.
+  """
+  h, w = _check_shape(shape)
+  if angles.ndim != 2 or angles.shape[0] < 2 or angles.shape[1] < 2:
+    raise ValueError(f"angles must have shape (r0 + 1, r1 + 1) with r >= 1, got {angles.shape}")
+  if res is None:
+    res = (angles.shape[0] - 1, angles.shape[1] - 1)
+  elif isinstance(res, Sequence) and all(isinstance(r, int) for r in res):
+    if len(res) != 2 or not all(1 <= r < a for r, a in zip(res, angles.shape)):
+      raise ValueError(f"res={tuple(res)} needs 1 <= r <= A - 1 for angles of shape {angles.shape}")
+  res = jnp.asarray(res, jnp.int32)
+  if res.shape != (2,):
+    raise ValueError(f"res must be a pair (r0, r1), got shape {res.shape}")
+
+  c0, f0 = _axis_cells(h, res[0])
+  c1, f1 = _axis_cells(w, res[1])
+  angles = angles.astype(jnp.float32)
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+
+  def corner_dot(di, dj):
+    # Gather the corner gradient for every pixel and dot it with the offset from that corner.
+    rows, cols = (c0 + di)[:, None], (c1 + dj)[None, :]
+    return (f0 - di)[:, None] * cos[rows, cols] + (f1 - dj)[None, :] * sin[rows, cols]
+
+  n00, n10 = corner_dot(0, 0), corner_dot(1, 0)
+  n01, n11 = corner_dot(0, 1), corner_dot(1, 1)
+  t0, t1 = _fade(f0)[:, None], _fade(f1)[None, :]
+  near = n00 + t0 * (n10 - n00)
+  far = n01 + t0 * (n11 - n01)
+  return (_SQRT2 * (near + t1 * (far - near))).astype(jnp.float32)
+
+
+def perlin(key: jax.Array, shape: Sequence[int], res: Sequence[int]) -> jax.Array:
+  """Perlin noise with gradient angles drawn from U[0, 2pi).
+
+  Args:
+    key: typed PRNG key.
+    shape: static output shape (H, W).
+    res: static lattice resolution (r0, r1), Python ints >= 1.
+
+  Returns:
+    (H, W) float32 noise.
+  """
+  if len(res) != 2 or any(not isinstance(r, int) or r < 1 for r in res):
+    raise ValueError(f"res must be two positive Python ints (r0, r1), got {res!r}")
+  angles = jax.random.uniform(key, (res[0] + 1, res[1] + 1), jnp.float32, 0.0, 2.0 * math.pi)
+  return perlin_from_angles(angles, shape)
+
+
+def perlin_mask(key: jax.Array, shape: Sequence[int], *, threshold: float | jax.Array = 0.5,
+                max_log2_res: int = 6, rotate_degrees: float = 90.0) -> jax.Array:
+  """DRAEM's binary anomaly mask for one example (REFERENCE.md 3.3-3.4).
+
+  Draws res = (2^a, 2^b) with a, b independent and uniform in {0, ..., max_log2_res - 1}, Perlin noise at
+  that resolution, rotates it by U(-rotate_degrees, rotate_degrees) (bilinear, zero fill, so rotated-in
+  corners are never anomalous) and thresholds it.
+
+  Args:
+    key: typed PRNG key of this example.
+    shape: static output shape (H, W).
+    threshold: mask = noise > threshold (strict). May be traced.
+    max_log2_res: static exclusive bound of the log2 resolution (6 -> res up to 32, the reference).
+    rotate_degrees: static half-range of the noise rotation; 0 skips the rotation entirely.
+
+  Returns:
+    (H, W) float32 mask with values in {0, 1}.
+  """
+  shape = _check_shape(shape)
+  if not isinstance(max_log2_res, int) or max_log2_res < 1:
+    raise ValueError(f"max_log2_res must be a Python int >= 1, got {max_log2_res!r}")
+  k_res, k_angles, k_rot = jax.random.split(key, 3)
+  log2_res = jax.random.randint(k_res, (2,), 0, max_log2_res, dtype=jnp.int32)
+  res = jnp.left_shift(jnp.int32(1), log2_res)
+  # One fixed-size angle table for every resolution; the unused corners cost nothing noticeable.
+  max_res = 2 ** (max_log2_res - 1)
+  angles = jax.random.uniform(k_angles, (max_res + 1, max_res + 1), jnp.float32, 0.0, 2.0 * math.pi)
+  noise = perlin_from_angles(angles, shape, res)
+  if rotate_degrees != 0:
+    degrees = jax.random.uniform(k_rot, (), jnp.float32, -rotate_degrees, rotate_degrees)
+    noise = geometry.rotate(noise, degrees)
+  return (noise > threshold).astype(jnp.float32)
+
+
+def perlin_masks(key: jax.Array, num: int, shape: Sequence[int], **kwargs) -> jax.Array:
+  """A batch of ``perlin_mask``, example i drawn from ``prng.example_keys(key, num)[i]``.
+
+  Args:
+    key: typed PRNG key of the batch.
+    num: static batch size.
+    shape: static mask shape (H, W).
+    **kwargs: keyword arguments of ``perlin_mask``.
+
+  Returns:
+    (num, H, W) float32 masks in {0, 1}; example i does not depend on ``num``.
+  """
+  keys = prng.example_keys(key, num)
+  return jax.vmap(lambda k: perlin_mask(k, shape, **kwargs))(keys)

@@ -1,0 +1,263 @@
+"""Tests for draem_jax.parallel and draem_jax.data.pipeline (8 simulated CPU devices)."""
+
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import AxisType
+
+from draem_jax import parallel
+from draem_jax.data import pipeline
+
+
+def _images(n, h=4, w=5, seed=0):
+  return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+
+def _reference_stream(seed, num_images, first_epoch, num_epochs):
+  """The stream of an epoch written independently: the epochs' permutations back to back."""
+  return np.concatenate([
+      np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(e,))).permutation(num_images)
+      for e in range(first_epoch, first_epoch + num_epochs)])
+
+
+# ------------------------------------------------------------------------------------------ parallel
+
+
+def test_mesh_and_shardings():
+  mesh = parallel.make_mesh()
+  assert mesh.axis_names == ("data",)
+  assert mesh.devices.shape == (jax.device_count(),) == (8,)
+  assert mesh.axis_types == (AxisType.Auto,)
+  assert parallel.data_sharding(mesh).spec == jax.P("data")
+  assert parallel.replicated(mesh).spec == jax.P()
+  sub = parallel.make_mesh(jax.devices()[:2])
+  assert list(sub.devices) == jax.devices()[:2]
+  with pytest.raises(ValueError, match="empty"):
+    parallel.make_mesh([])
+
+
+def test_host_slice():
+  assert parallel.host_slice(8) == slice(0, 8)  # one real process
+  assert [parallel.host_slice(12, i, 3) for i in range(3)] == [slice(0, 4), slice(4, 8),
+                                                                slice(8, 12)]
+  with pytest.raises(ValueError, match="batch_size=10"):
+    parallel.host_slice(10, 0, 4)
+  with pytest.raises(ValueError, match="process_index=2"):
+    parallel.host_slice(8, 2, 2)
+
+
+def test_to_global_and_gather_to_host():
+  sharding = parallel.data_sharding(parallel.make_mesh())
+  x = np.arange(16 * 3, dtype=np.float32).reshape(16, 3)
+  tree = parallel.to_global({"x": x, "i": np.arange(16, dtype=np.int32)}, sharding)
+  assert tree["x"].sharding == sharding and tree["x"].shape == (16, 3)
+  assert [s.data.shape for s in tree["x"].addressable_shards] == [(2, 3)] * 8
+  back = parallel.gather_to_host(tree)
+  assert isinstance(back["x"], np.ndarray)
+  np.testing.assert_array_equal(back["x"], x)
+  np.testing.assert_array_equal(back["i"], np.arange(16))
+
+
+def test_check_batch_size_names_field_and_device_count():
+  with pytest.raises(ValueError, match=r"batch_size=12 .*device count 8"):
+    parallel.check_batch_size(12, 8)
+  parallel.check_batch_size(16, 8, 2)
+
+
+# ---------------------------------------------------------------------------------- training stream
+
+
+@pytest.mark.parametrize("num_images,batch_size", [(12, 4), (10, 4), (3, 8), (7, 7)])
+def test_every_image_once_per_epoch(num_images, batch_size):
+  seed = 3
+  spe = pipeline.steps_per_epoch(num_images, batch_size)
+  assert spe == int(np.ceil(num_images / batch_size))
+  for epoch in range(3):
+    got = np.concatenate([pipeline.train_batch_indices(s, num_images, batch_size, seed)
+                          for s in range(epoch * spe, (epoch + 1) * spe)])
+    assert got.shape == (spe * batch_size,)
+    # The first N slots of the epoch are a permutation: every image exactly once.
+    np.testing.assert_array_equal(np.sort(got[:num_images]), np.arange(num_images))
+    # Whole epoch = its permutation followed by the head of the next ones (documented filling).
+    ref = _reference_stream(seed, num_images, epoch, 1 + -(-batch_size // num_images))
+    np.testing.assert_array_equal(got, ref[:spe * batch_size])
+
+
+def test_stream_depends_on_seed_and_epoch():
+  a = [pipeline.train_batch_indices(s, 50, 50, 0) for s in range(3)]
+  b = pipeline.train_batch_indices(0, 50, 50, 1)
+  assert not np.array_equal(a[0], a[1]) and not np.array_equal(a[1], a[2])
+  assert not np.array_equal(a[0], b)
+  np.testing.assert_array_equal(a[1], pipeline.train_batch_indices(1, 50, 50, 0))
+
+
+def test_stream_bad_arguments():
+  with pytest.raises(ValueError, match="empty"):
+    pipeline.train_batch_indices(0, 0, 4, 0)
+  with pytest.raises(ValueError, match="step=-1"):
+    pipeline.train_batch_indices(-1, 10, 4, 0)
+  with pytest.raises(ValueError, match="uint8"):
+    pipeline.TrainIterator(np.zeros((4, 8, 8, 3), np.float32), 4, 0)
+
+
+def test_two_simulated_processes_give_the_one_process_rows():
+  images = _images(11)
+  for step in range(8):
+    whole = pipeline.local_train_rows(images, step, 6, 5, 0, 1)
+    parts = [pipeline.local_train_rows(images, step, 6, 5, p, 2) for p in range(2)]
+    assert parts[0].shape == (3, 4, 5, 3)
+    np.testing.assert_array_equal(np.concatenate(parts), whole)
+    np.testing.assert_array_equal(whole, images[pipeline.train_batch_indices(step, 11, 6, 5)])
+  # The same through the prefetching iterator in host mode.
+  iters = [pipeline.TrainIterator(images, 6, 5, 0, p, 2, end_step=5) for p in range(2)]
+  with iters[0], iters[1]:
+    for step, (a, b) in enumerate(zip(*iters)):
+      expect = images[pipeline.train_batch_indices(step, 11, 6, 5)].astype(np.float32) / 255
+      assert a.dtype == np.float32
+      np.testing.assert_array_equal(np.concatenate([a, b]), expect)
+
+
+def test_restart_reproduces_the_stream():
+  images = _images(9)
+  with pipeline.TrainIterator(images, 4, 7, end_step=10) as it:
+    full = list(it)
+  assert len(full) == 10
+  with pipeline.TrainIterator(images, 4, 7, start_step=6) as it:
+    assert it.next_step == 6
+    resumed = [next(it) for _ in range(4)]
+    assert it.next_step == 10
+  for a, b in zip(full[6:], resumed):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_global_batch_on_8_devices():
+  mesh = parallel.make_mesh()
+  sharding = parallel.data_sharding(mesh)
+  images = _images(13, 6, 4)
+  with pipeline.TrainIterator(images, 16, 1, start_step=2, sharding=sharding) as it:
+    batches = [next(it) for _ in range(2)]
+  for step, batch in zip((2, 3), batches):
+    assert isinstance(batch, jax.Array)
+    assert batch.shape == (16, 6, 4, 3) and batch.dtype == np.float32
+    assert batch.sharding.is_equivalent_to(sharding, 4)
+    expect = images[pipeline.train_batch_indices(step, 13, 16, 1)].astype(np.float32) / 255
+    # /255 on device is bit-identical to NumPy's float32 division.
+    np.testing.assert_array_equal(np.asarray(batch), expect)
+    for shard in batch.addressable_shards:
+      assert shard.data.shape == (2, 6, 4, 3)
+      np.testing.assert_array_equal(np.asarray(shard.data), expect[shard.index])
+
+
+def test_batch_not_divisible_by_devices_raises():
+  sharding = parallel.data_sharding(parallel.make_mesh())
+  with pytest.raises(ValueError, match=r"batch_size=12 .*device count 8"):
+    pipeline.TrainIterator(_images(20), 12, 0, sharding=sharding)
+  with pytest.raises(ValueError, match="process_count=2"):
+    pipeline.TrainIterator(_images(20), 16, 0, 0, 0, 2, sharding)
+
+
+class _FlakyLoader:
+  """Lazy loader that fails on its ``fail_at``-th call and counts calls."""
+
+  def __init__(self, images, fail_at=None):
+    self.images, self.fail_at, self.calls = images, fail_at, 0
+
+  def __len__(self):
+    return len(self.images)
+
+  def __getitem__(self, idx):
+    self.calls += 1
+    if self.calls == self.fail_at:
+      raise OSError("disk on fire")
+    return self.images[idx]
+
+
+def test_prefetch_thread_propagates_exceptions():
+  loader = _FlakyLoader(_images(8), fail_at=3)
+  it = pipeline.TrainIterator(loader, 4, 0)
+  next(it), next(it)
+  with pytest.raises(OSError, match="disk on fire"):
+    next(it)
+  assert not it.alive
+  with pytest.raises(StopIteration):
+    next(it)
+
+
+def test_loader_returning_wrong_rows_is_reported():
+  class Bad(_FlakyLoader):
+    def __getitem__(self, idx):
+      return super().__getitem__(idx).astype(np.float32)
+  with pipeline.TrainIterator(Bad(_images(8)), 4, 0) as it:
+    with pytest.raises(ValueError, match="expected uint8"):
+      next(it)
+
+
+def test_prefetch_is_bounded_and_closes_cleanly():
+  loader = _FlakyLoader(_images(8))
+  before = threading.active_count()
+  it = pipeline.TrainIterator(loader, 4, 0, prefetch=2)
+  deadline = time.monotonic() + 10
+  while loader.calls < 3 and time.monotonic() < deadline:
+    time.sleep(0.01)
+  time.sleep(0.2)
+  # 2 queued + at most 1 built and waiting for room: the producer runs ahead but stays bounded.
+  assert loader.calls == 3
+  assert it.alive
+  it.close()
+  assert not it.alive
+  assert threading.active_count() == before
+  it.close()  # idempotent
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+
+
+def _eval_set(n, h=4, w=3):
+  rng = np.random.default_rng(1)
+  images = rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+  masks = (rng.random((n, h, w)) > 0.5).astype(np.uint8) * 255
+  labels = rng.integers(0, 2, n)
+  return images, masks, labels
+
+
+def test_eval_batches_pad_and_flag():
+  images, masks, labels = _eval_set(10)
+  batches = list(pipeline.eval_batches(images, masks, labels, 4))
+  assert len(batches) == pipeline.num_eval_batches(10, 4) == 3
+  for b in batches:
+    assert b["image"].shape == (4, 4, 3, 3) and b["image"].dtype == np.float32
+    assert b["mask"].shape == (4, 4, 3) and b["mask"].dtype == np.float32
+    assert b["label"].dtype == np.int32 and b["index"].dtype == np.int32
+    assert b["valid"].dtype == np.bool_
+  last = batches[-1]
+  np.testing.assert_array_equal(last["valid"], [True, True, False, False])
+  np.testing.assert_array_equal(last["index"], [8, 9, -1, -1])
+  assert not last["image"][2:].any() and not last["mask"][2:].any() and not last["label"][2:].any()
+  cat = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+  v = cat["valid"]
+  np.testing.assert_array_equal(cat["index"][v], np.arange(10))
+  np.testing.assert_array_equal(cat["image"][v], images.astype(np.float32) / 255)
+  np.testing.assert_array_equal(cat["mask"][v], masks / 255.0)
+  np.testing.assert_array_equal(cat["label"][v], labels)
+
+
+def test_eval_batches_processes_and_sharding():
+  images, masks, labels = _eval_set(11)
+  one = list(pipeline.eval_batches(images, masks[..., None], labels, 8))
+  two = [list(pipeline.eval_batches(images, masks, labels, 8, process_index=p, process_count=2))
+         for p in range(2)]
+  sharding = parallel.data_sharding(parallel.make_mesh())
+  glob = list(pipeline.eval_batches(images, masks, labels, 8, sharding=sharding))
+  assert len(one) == len(two[0]) == len(glob) == 2
+  for b1, b2a, b2b, bg in zip(one, *two, glob):
+    for k in b1:
+      np.testing.assert_array_equal(np.concatenate([b2a[k], b2b[k]]), b1[k])
+      assert bg[k].sharding.is_equivalent_to(sharding, bg[k].ndim)
+      np.testing.assert_array_equal(parallel.gather_to_host(bg[k]), b1[k])
+  with pytest.raises(ValueError, match=r"batch_size=6 .*device count 8"):
+    pipeline.eval_batches(images, masks, labels, 6, sharding=sharding)
+  with pytest.raises(ValueError, match="labels"):
+    pipeline.eval_batches(images, masks, labels[:3], 4)
