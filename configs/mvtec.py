@@ -42,6 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.anomaly_source_path = ""      # folder of textures (DTD: dtd/images); "" = procedural fallback
   c.max_sources = 0               # 0 = all; otherwise a deterministic subsample (memory)
   c.mask_rule = "reference"       # eval mask resize: "reference" (bilinear, ==255) or "nearest"
+  c.channel_order = "rgb"         # "bgr" for weights trained on OpenCV images (released checkpoints)
 
   # Anomaly synthesis.
   c.synthesis = ml_collections.ConfigDict()

@@ -154,15 +154,19 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   return train_step
 
 
-def make_infer_fn(model: nn.Module, *, filter_size: int = 21) -> Callable[..., Any]:
+def make_infer_fn(model: nn.Module, *, filter_size: int = 21, bgr: bool = False) -> Callable[..., Any]:
   """Returns ``infer(variables, images) -> (anomaly_maps (N,H,W), image_scores (N,), recon)``.
 
   Eval mode: BatchNorm uses running statistics, so padded rows do not affect real ones; the
-  reconstruction is fed to the discriminator as in the original test script.
+  reconstruction is fed to the discriminator as in the original test script. ``bgr=True`` reverses the
+  channels of RGB input first, for weights trained on OpenCV (BGR) images such as the released ones.
   """
 
   def infer(variables, images):
-    recon, logits = model.apply(variables, to_float_images(images), train=False)
+    images = to_float_images(images)
+    if bgr:
+      images = images[..., ::-1]
+    recon, logits = model.apply(variables, images, train=False)
     maps = scoring.anomaly_map(logits)
     return maps, scoring.image_score(maps, filter_size=filter_size), recon
 

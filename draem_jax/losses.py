@@ -1,0 +1,190 @@
+"""DRAEM training losses: L2, SSIM and focal, as in the original ``loss.py`` (REFERENCE section 4).
+
+Total loss = L2(recon, image) + (1 - SSIM(recon, image)) + focal(softmax(logits), mask), all weights 1.
+Everything is NHWC float32, pure and jittable; reductions are plain means, so under a data-parallel
+``jit`` they are means over the *global* batch, like the single-GPU original.
+"""
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+
+
+def _gaussian_taps(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> np.ndarray:
+  """Normalised 1-D Gaussian weights exp(-(k - size//2)^2 / (2 sigma^2)), float32, shape (size,)."""
+  k = np.arange(size, dtype=np.float64) - size // 2
+  g = np.exp(-k**2 / (2.0 * sigma**2))
+  return (g / g.sum()).astype(np.float32)
+
+
+def _filter_axis(x: jax.Array, taps: np.ndarray, axis: int) -> jax.Array:
+  """Zero-padded 'same' correlation of ``x`` with ``taps`` along ``axis``.
+
+  Written as a sum of shifted slices rather than a convolution: it is exact float32 arithmetic on every
+  backend (accelerator convolutions may default to reduced-precision passes, and SSIM's E[x^2] - mu^2
+  is sensitive to that), and XLA fuses the 11 taps into one loop.
+  """
+  r = len(taps) // 2
+  n = x.shape[axis]
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (r, r)
+  xp = jnp.pad(x, pad)
+  out = taps[0] * jax.lax.slice_in_dim(xp, 0, n, axis=axis)
+  for k in range(1, len(taps)):
+    out = out + taps[k] * jax.lax.slice_in_dim(xp, k, k + n, axis=axis)
+  return out
+
+
+def _dynamic_range(x: jax.Array) -> jax.Array:
+  """The original's data-dependent L, from the whole batch of the FIRST SSIM argument.
+
+  max_val = 255 if max(x) > 128 else 1; min_val = -1 if min(x) < -0.5 else 0; L = max_val - min_val.
+  Comparisons carry no gradient, so this needs no stop_gradient.
+  """
+  max_val = jnp.where(jnp.max(x) > 128, 255.0, 1.0)
+  min_val = jnp.where(jnp.min(x) < -0.5, -1.0, 0.0)
+  return (max_val - min_val).astype(jnp.float32)
+
+
+def _check_images(x: jax.Array, y: jax.Array, what: str) -> None:
+  if x.ndim != 4 or x.shape != y.shape:
+    raise ValueError(f"{what}: expected two NHWC arrays of the same shape (N, H, W, C), got "
+                     f"{x.shape} and {y.shape}; add the batch/channel axes (e.g. x[None], x[..., None]).")
+
+
+def ssim_map(x: jax.Array, y: jax.Array, *, data_range: float | jax.Array | None = None) -> jax.Array:
+  """Per-pixel SSIM with DRAEM's conventions.
+
+  11x11 Gaussian window (sigma 1.5, separable, per channel), zero padding of 5 so the map has the
+  input's size (border values are computed on zero-padded statistics, as in the original),
+  sigma^2 = E[x^2] - mu^2 (population covariance), C1 = (0.01 L)^2, C2 = (0.03 L)^2. No clamping.
+
+  Args:
+    x: (N, H, W, C) float array; the reconstruction in DRAEM. Unless ``data_range`` is given, the
+      dynamic range L is derived from this argument's whole batch on every call: max_val = 255 if
+      max(x) > 128 else 1, min_val = -1 if min(x) < -0.5 else 0, L = max_val - min_val.
+    y: (N, H, W, C) float array; the clean image.
+    data_range: optional fixed L (Python float or scalar array) that replaces the rule above.
+
+  Returns:
+    (N, H, W, C) float32 SSIM map.
+  """
+  _check_images(x, y, "ssim_map")
+  x = jnp.asarray(x, jnp.float32)
+  y = jnp.asarray(y, jnp.float32)
+  big_l = _dynamic_range(x) if data_range is None else jnp.asarray(data_range, jnp.float32)
+  c1 = (0.01 * big_l)**2
+  c2 = (0.03 * big_l)**2
+
+  # Filter the five moments in one pass: stacking on the channel axis gives one fused loop.
+  c = x.shape[-1]
+  moments = jnp.concatenate([x, y, x * x, y * y, x * y], axis=-1)
+  taps = _gaussian_taps()
+  blurred = _filter_axis(_filter_axis(moments, taps, axis=1), taps, axis=2)
+  mu_x, mu_y, e_xx, e_yy, e_xy = (blurred[..., i * c:(i + 1) * c] for i in range(5))
+
+  mu_xx, mu_yy, mu_xy = mu_x * mu_x, mu_y * mu_y, mu_x * mu_y
+  var_x = e_xx - mu_xx
+  var_y = e_yy - mu_yy
+  cov_xy = e_xy - mu_xy
+  num = (2.0 * mu_xy + c1) * (2.0 * cov_xy + c2)
+  den = (mu_xx + mu_yy + c1) * (var_x + var_y + c2)
+  return num / den
+
+
+def ssim(x: jax.Array, y: jax.Array, *, data_range: float | jax.Array | None = None) -> jax.Array:
+  """Mean of :func:`ssim_map` over N, H, W and C (border included). Scalar float32."""
+  return jnp.mean(ssim_map(x, y, data_range=data_range))
+
+
+def ssim_loss(x: jax.Array, y: jax.Array, *,
+              data_range: float | jax.Array | None = None) -> jax.Array:
+  """DRAEM's SSIM loss, 1 - :func:`ssim` (x = reconstruction, y = clean image). Scalar float32."""
+  return 1.0 - ssim(x, y, data_range=data_range)
+
+
+def l2_loss(x: jax.Array, y: jax.Array) -> jax.Array:
+  """Mean squared error over all elements (PyTorch ``MSELoss()``). Scalar float32."""
+  if x.shape != y.shape:
+    raise ValueError(f"l2_loss: shapes differ, {x.shape} vs {y.shape}.")
+  d = jnp.asarray(x, jnp.float32) - jnp.asarray(y, jnp.float32)
+  return jnp.mean(d * d)
+
+
+def focal_loss(logits: jax.Array, mask: jax.Array, gamma: float = 2.0, alpha: float = 1.0,
+               smooth: float = 1e-5) -> jax.Array:
+  """DRAEM's focal loss on the softmax of the segmentation logits.
+
+  With p = softmax(logits) over channels and a one-hot target clamped to
+  [smooth / (C - 1), 1 - smooth]: p_t = sum_c onehot_c p_c + smooth and
+  loss = -alpha (1 - p_t)^gamma log(p_t), averaged over N*H*W.
+
+  The formula is kept exactly, but evaluated from quantities that keep their relative precision:
+  p_t = (1 - smooth) p_true + smooth/(C-1) q + smooth and 1 - p_t = q (1 - smooth - smooth/(C-1)),
+  where q = 1 - p_true is summed from the other classes' softmax probabilities (never formed as
+  1 - p_true, which would round to 0 for confident pixels). p_t >= smooth, so the log is finite.
+
+  Args:
+    logits: (N, H, W, C) float logits, C >= 2 (C = 2 in DRAEM: channel 1 = anomalous).
+    mask: (N, H, W, 1) or (N, H, W) target; values > 0.5 are class 1 (DRAEM's masks are exactly 0/1).
+    gamma: focusing exponent (2 in DRAEM).
+    alpha: scalar class weight (the original uses all-ones weights, i.e. 1).
+    smooth: target clamping and p_t offset (1e-5 in DRAEM).
+
+  Returns:
+    Scalar float32 loss.
+  """
+  if logits.ndim != 4 or logits.shape[-1] < 2:
+    raise ValueError(f"focal_loss: logits must be (N, H, W, C) with C >= 2, got {logits.shape}.")
+  if mask.ndim == 4:
+    if mask.shape[-1] != 1:
+      raise ValueError(f"focal_loss: mask must be (N, H, W, 1) or (N, H, W), got {mask.shape}.")
+    mask = mask[..., 0]
+  if mask.shape != logits.shape[:-1]:
+    raise ValueError(f"focal_loss: mask {mask.shape} does not match logits {logits.shape[:-1]}.")
+  num_classes = logits.shape[-1]
+  p = jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1)
+  target = (mask > 0.5).astype(jnp.int32)
+  is_true = jax.nn.one_hot(target, num_classes, dtype=jnp.bool_)
+  p_true = jnp.sum(jnp.where(is_true, p, 0.0), axis=-1)
+  q = jnp.sum(jnp.where(is_true, 0.0, p), axis=-1)
+  low = smooth / (num_classes - 1)
+  p_t = (1.0 - smooth) * p_true + low * q + smooth
+  one_minus_pt = q * (1.0 - smooth - low)
+  # Integer exponents lower to a multiply chain (exact and with a finite gradient at 0).
+  if isinstance(gamma, (int, float)) and float(gamma).is_integer() and gamma >= 0:
+    focus = jax.lax.integer_pow(one_minus_pt, int(gamma))
+  else:
+    focus = one_minus_pt**gamma
+  return jnp.mean(-alpha * focus * jnp.log(p_t))
+
+
+def draem_loss(reconstruction: jax.Array, target: jax.Array, logits: jax.Array, mask: jax.Array,
+               *, weights: Sequence[float] = (1.0, 1.0, 1.0)) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The DRAEM objective: w0 L2 + w1 (1 - SSIM) + w2 focal.
+
+  Args:
+    reconstruction: (N, H, W, 3) output of the reconstructive network.
+    target: (N, H, W, 3) clean (anomaly-free) image.
+    logits: (N, H, W, 2) output of the discriminative network.
+    mask: (N, H, W, 1) synthetic-anomaly mask in {0, 1}.
+    weights: (l2, ssim, focal) weights; all 1 in the original.
+
+  Returns:
+    (total, {"l2": ..., "ssim": ..., "focal": ...}); the dict holds the unweighted terms, "ssim" being
+    the SSIM *loss* 1 - SSIM. All scalar float32.
+  """
+  if len(weights) != 3:
+    raise ValueError(f"draem_loss: weights must be (l2, ssim, focal), got {weights!r}.")
+  terms = {
+      "l2": l2_loss(reconstruction, target),
+      "ssim": ssim_loss(reconstruction, target),
+      "focal": focal_loss(logits, mask),
+  }
+  total = weights[0] * terms["l2"] + weights[1] * terms["ssim"] + weights[2] * terms["focal"]
+  return total, terms
