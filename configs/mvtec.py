@@ -66,6 +66,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
   c.overwrite = False             # True: set a finished run aside (renamed, never deleted) and retrain
+  c.stop_after_steps = 0          # >0: checkpoint and stop after this many steps of this invocation
+                                  # (time-limited jobs); rerunning the command resumes.
 
   # Evaluation.
   c.eval = ml_collections.ConfigDict()

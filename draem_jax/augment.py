@@ -182,12 +182,10 @@ def sharpness_factor(image: jax.Array, factor: jax.Array | float) -> jax.Array:
   h, w = x.shape[:2]
   degenerate = x
   if h >= 3 and w >= 3:
-    # Sum of the 3x3 neighbourhood plus 4 more times the centre: the kernel without a convolution.
-    acc = 4.0 * x[1:h - 1, 1:w - 1]
-    for dy in range(3):
-      for dx in range(3):
-        acc = acc + x[dy:h - 2 + dy, dx:w - 2 + dx]
-    degenerate = x.at[1:h - 1, 1:w - 1].set(acc / 13.0)
+    # Separable 3x3 box sum plus 4 more times the centre: the kernel without a convolution.
+    rows = x[:, :-2] + x[:, 1:-1] + x[:, 2:]
+    box = rows[:-2] + rows[1:-1] + rows[2:]
+    degenerate = x.at[1:-1, 1:-1].set((box + 4.0 * x[1:-1, 1:-1]) / 13.0)
   factor = jnp.asarray(factor, jnp.float32)
   return _finish(degenerate + factor * (x - degenerate), image)
 
@@ -241,19 +239,16 @@ def hsv_to_rgb(hsv: jax.Array) -> jax.Array:
     (..., 3) float32 RGB array.
   """
   hsv = _as_float(hsv)
-  h, s, v = jnp.mod(hsv[..., 0], 1.0) * 6.0, hsv[..., 1], hsv[..., 2]
-  sector = jnp.floor(h)
-  f = h - sector
-  sector = sector.astype(jnp.int32) % 6
-  p = v * (1.0 - s)
-  q = v * (1.0 - s * f)
-  t = v * (1.0 - s * (1.0 - f))
-  # (r, g, b) for each of the six sectors.
-  table = jnp.stack([
-      jnp.stack([v, t, p], -1), jnp.stack([q, v, p], -1), jnp.stack([p, v, t], -1),
-      jnp.stack([p, q, v], -1), jnp.stack([t, p, v], -1), jnp.stack([v, p, q], -1)], axis=0)
-  onehot = (sector[None] == jnp.arange(6).reshape((6,) + (1,) * sector.ndim)).astype(jnp.float32)
-  return jnp.sum(table * onehot[..., None], axis=0)
+  h6 = jnp.mod(hsv[..., 0], 1.0) * 6.0
+  s, v = hsv[..., 1], hsv[..., 2]
+
+  # Closed form of the six-sector table: channel n (5 = R, 3 = G, 1 = B) falls from v to v (1 - s) as
+  # the hue moves away from it. Elementwise, so it stays cheap under vmap.
+  def channel(n):
+    k = jnp.mod(n + h6, 6.0)
+    return v - v * s * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0)
+
+  return jnp.stack([channel(5.0), channel(3.0), channel(1.0)], axis=-1)
 
 
 def hue_saturation_shift(image: jax.Array, hue: jax.Array | float,
@@ -592,15 +587,22 @@ def random_augment_one(key: jax.Array, image: jax.Array, num_ops: int = 3) -> ja
   return out.astype(image.dtype)
 
 
-def random_augment(key: jax.Array, images: jax.Array, num_ops: int = 3) -> jax.Array:
+def random_augment(key: jax.Array, images: jax.Array, num_ops: int = 3, *,
+                   sequential: bool = False) -> jax.Array:
   """Batched ``random_augment_one`` with one key per example (``prng.example_keys``).
 
   Example i gets ``fold_in(key, i)``, so its result does not depend on the batch size.
+
+  Under ``vmap`` (the default) the per-example ``lax.switch`` runs all 10 augmenters and selects, which
+  suits wide accelerators. ``sequential=True`` uses ``lax.map`` instead: one example at a time, each
+  running only its own 3 augmenters; on CPU that is far cheaper (8 x 256 x 256: ~0.08 s against ~1.8 s
+  on a busy 2-core machine). Both give the same result.
 
   Args:
     key: typed PRNG key for the batch.
     images: (N, H, W, 3) float images in [0, 1].
     num_ops: static number of augmenters per example.
+    sequential: static; map over the batch with ``lax.map`` instead of ``vmap``.
 
   Returns:
     (N, H, W, 3) augmented images, dtype of ``images``.
@@ -613,4 +615,7 @@ def random_augment(key: jax.Array, images: jax.Array, num_ops: int = 3) -> jax.A
     raise ValueError(f"augment.random_augment: expected (N, H, W, 3) images, got shape {shape}; "
                      "use random_augment_one for a single image.")
   keys = prng.example_keys(key, shape[0])
-  return jax.vmap(functools.partial(random_augment_one, num_ops=num_ops))(keys, images)
+  one = functools.partial(random_augment_one, num_ops=num_ops)
+  if sequential:
+    return lax.map(lambda args: one(*args), (keys, images))
+  return jax.vmap(one)(keys, images)

@@ -31,13 +31,20 @@ from draem_jax import metrics as metrics_lib
 from draem_jax import parallel
 from draem_jax import published
 from draem_jax import steps
+from draem_jax import writers
 from draem_jax.data import datasets
 from draem_jax.data import pipeline
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Work directory of a trained or converted run.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the newest).")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "Override config.data_dir (data moved since training).")
-_NUM_VIS = flags.DEFINE_integer("num_visualizations", None, "Override config.eval.num_visualizations.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Command-line flags; defined only when run as a program, so the library imports cleanly."""
+  flags.DEFINE_string("workdir", None, "Work directory of a trained or converted run.")
+  flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the newest).")
+  flags.DEFINE_string("data_dir", None, "Override config.data_dir (data moved since training).")
+  flags.DEFINE_integer("num_visualizations", None, "Override config.eval.num_visualizations.")
+  flags.mark_flags_as_required(["workdir"])
 
 
 class RunNotFoundError(FileNotFoundError):
@@ -123,8 +130,8 @@ def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = No
   maps, scores = predict_maps(model, variables, test.images, batch_size=config.eval.batch_size,
                               channel_order=config.get("channel_order", "rgb"),
                               filter_size=config.eval.score_filter_size)
-  results = metrics_lib.compute_all(scores, test.labels, maps, test.masks,
-                                    fpr_limit=config.eval.aupro_fpr_limit)
+  results = metrics_lib.compute_all(image_labels=test.labels, image_scores=scores, masks=test.masks,
+                                    anomaly_maps=maps, fpr_limit=config.eval.aupro_fpr_limit)
   results = {k: float(v) for k, v in results.items()}
   results.update(step=int(step), category=config.category, num_test_images=int(len(scores)))
   if jax.process_index() == 0:
@@ -208,17 +215,18 @@ def write_report(eval_dir: str, results: dict[str, Any], test, maps: np.ndarray,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  writers.quiet_library_logs()
   try:
-    workdir = os.path.abspath(_WORKDIR.value)
+    workdir = os.path.abspath(FLAGS.workdir)
     config = load_run_config(workdir)
-    if _DATA_DIR.value is not None:
-      config.data_dir = _DATA_DIR.value
-    results = evaluate_workdir(workdir, config, _STEP.value, _NUM_VIS.value)
+    if FLAGS.data_dir is not None:
+      config.data_dir = FLAGS.data_dir
+    results = evaluate_workdir(workdir, config, FLAGS.step, FLAGS.num_visualizations)
   except (FileNotFoundError, ValueError) as e:
     raise SystemExit(f"error: {e}") from None
   print(markdown_table(results))
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir"])
+  define_flags()
   app.run(main)

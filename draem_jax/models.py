@@ -106,8 +106,12 @@ def _conv(x, features, index, dtype, fast_cpu_conv):
 def _conv_bn_relu(x, features, index, train, dtype, fast_cpu_conv):
   # torch Sequential layout (conv, BN, ReLU) at indices index, index + 1, index + 2.
   x = _conv(x, features, index, dtype, fast_cpu_conv)
+  # use_fast_variance=False: flax's default E[x^2] - E[x]^2 cancels catastrophically when |mean| >> std
+  # (conv outputs with large biases), which made gradients depend on the reduction order, i.e. on the
+  # device count, by several percent. The two-pass variance is what PyTorch computes.
   x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype,
-                   param_dtype=jnp.float32, scale_init=_bn_scale_init, name=f"bn_{index + 1}")(x)
+                   param_dtype=jnp.float32, scale_init=_bn_scale_init, use_fast_variance=False,
+                   name=f"bn_{index + 1}")(x)
   return nn.relu(x)
 
 

@@ -23,14 +23,21 @@ import numpy as np
 from PIL import Image
 
 from draem_jax import evaluate
+from draem_jax import writers
 from draem_jax.data import image_io
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Work directory of a trained or converted run.")
-_INPUT = flags.DEFINE_string("input", None, "An image file or a folder (searched recursively).")
-_OUTPUT = flags.DEFINE_string("output", None, "Output folder (created; existing files are kept).")
-_IMAGE_THRESHOLD = flags.DEFINE_float("image_threshold", None, "Override the stored image threshold.")
-_PIXEL_THRESHOLD = flags.DEFINE_float("pixel_threshold", None, "Override the stored pixel threshold.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Images per forward pass.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Command-line flags; defined only when run as a program, so the library imports cleanly."""
+  flags.DEFINE_string("workdir", None, "Work directory of a trained or converted run.")
+  flags.DEFINE_string("input", None, "An image file or a folder (searched recursively).")
+  flags.DEFINE_string("output", None, "Output folder (created; existing files are kept).")
+  flags.DEFINE_float("image_threshold", None, "Override the stored image threshold.")
+  flags.DEFINE_float("pixel_threshold", None, "Override the stored pixel threshold.")
+  flags.DEFINE_integer("batch_size", 8, "Images per forward pass.")
+  flags.mark_flags_as_required(["workdir", "input", "output"])
 
 
 def list_inputs(path: str) -> list[str]:
@@ -114,10 +121,11 @@ def predict_files(workdir: str, paths: Sequence[str], output: str, *,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  writers.quiet_library_logs()
   try:
-    rows = predict_files(_WORKDIR.value, list_inputs(_INPUT.value), _OUTPUT.value,
-                         image_threshold=_IMAGE_THRESHOLD.value,
-                         pixel_threshold=_PIXEL_THRESHOLD.value, batch_size=_BATCH_SIZE.value)
+    rows = predict_files(FLAGS.workdir, list_inputs(FLAGS.input), FLAGS.output,
+                         image_threshold=FLAGS.image_threshold,
+                         pixel_threshold=FLAGS.pixel_threshold, batch_size=FLAGS.batch_size)
   except (FileNotFoundError, ValueError) as e:
     raise SystemExit(f"error: {e}") from None
   for r in rows:
@@ -125,5 +133,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir", "input", "output"])
+  define_flags()
   app.run(main)

@@ -20,6 +20,7 @@ from draem_jax import losses
 from draem_jax import models
 from draem_jax import scoring
 from draem_jax import synthesis
+from draem_jax.data import pipeline
 
 
 @flax.struct.dataclass
@@ -55,9 +56,8 @@ def build_model(config) -> models.DRAEM:
                       dtype=dtype)
 
 
-def steps_per_epoch(num_train_images: int, batch_size: int) -> int:
-  """``ceil(N / B)``, the original's DataLoader length with drop_last=False."""
-  return max(1, math.ceil(num_train_images / batch_size))
+# ceil(N / B): the original's DataLoader length with drop_last=False; the data stream defines it.
+steps_per_epoch = pipeline.steps_per_epoch
 
 
 def learning_rate_schedule(config, num_train_images: int) -> optax.Schedule:
@@ -114,24 +114,14 @@ def to_float_images(images: jax.Array) -> jax.Array:
   return images.astype(jnp.float32)
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                    synthesis_config: synthesis.SynthesisConfig,
-                    schedule: optax.Schedule | None = None) -> Callable[..., Any]:
-  """Returns ``train_step(state, images, sources) -> (state, metrics)`` (not yet jitted).
+def make_loss_grad_fn(model: nn.Module) -> Callable[..., Any]:
+  """Returns ``loss_grad_fn(state, syn) -> (grads, new_batch_stats, metrics)`` for a synthesized batch.
 
-  Args of the returned function:
-    state: TrainState.
-    images: (B, H, W, 3) uint8 or float32 in [0, 1], the clean normal images of this step (global batch).
-    sources: (S, H, W, 3) uint8 anomaly-source textures, on device.
-
-  Returns:
-    The new state and a dict of float32 scalars: loss, l2, ssim, focal, learning_rate, grad_norm,
-    anomaly_fraction (share of examples that received a non-empty simulated anomaly).
+  Both networks in train mode on ``syn.augmented``, ``draem_loss`` against ``syn.target`` and
+  ``syn.mask``, and gradients with respect to all parameters.
   """
 
-  def train_step(state: TrainState, images: jax.Array, sources: jax.Array):
-    key = jax.random.fold_in(state.key, state.step)
-    syn = synthesis.synthesize(key, to_float_images(images), sources, config=synthesis_config)
+  def loss_grad_fn(state: TrainState, syn: synthesis.Synthesized):
 
     def loss_fn(params):
       (recon, logits), new_vars = model.apply(
@@ -141,10 +131,53 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
       return total, (new_vars["batch_stats"], terms)
 
     (total, (batch_stats, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    metrics = {"loss": total, **terms, "grad_norm": optax.tree.norm(grads)}
+    return grads, batch_stats, metrics
+
+  return loss_grad_fn
+
+
+def make_grad_fn(model: nn.Module,
+                 synthesis_config: synthesis.SynthesisConfig) -> Callable[..., Any]:
+  """Returns ``grad_fn(state, images, sources) -> (grads, new_batch_stats, metrics)`` (not jitted).
+
+  The forward half of the train step: on-device anomaly synthesis from the step's key, both networks in
+  train mode, ``draem_loss`` and its gradients with respect to all parameters (the focal loss reaches
+  the reconstructive net through the reconstruction, as in the original).
+
+  Args of the returned function:
+    state: TrainState.
+    images: (B, H, W, 3) uint8 or float32 in [0, 1], the clean normal images (global batch).
+    sources: (S, H, W, 3) uint8 anomaly-source textures, on device.
+  """
+
+  loss_grad_fn = make_loss_grad_fn(model)
+
+  def grad_fn(state: TrainState, images: jax.Array, sources: jax.Array):
+    key = jax.random.fold_in(state.key, state.step)
+    syn = synthesis.synthesize(key, to_float_images(images), sources, config=synthesis_config)
+    grads, batch_stats, metrics = loss_grad_fn(state, syn)
+    metrics["anomaly_fraction"] = jnp.mean(syn.has_anomaly)
+    return grads, batch_stats, metrics
+
+  return grad_fn
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
+                    synthesis_config: synthesis.SynthesisConfig,
+                    schedule: optax.Schedule | None = None) -> Callable[..., Any]:
+  """Returns ``train_step(state, images, sources) -> (state, metrics)`` (not yet jitted).
+
+  Arguments as for ``make_grad_fn``. Metrics are float32 scalars: loss, l2, ssim, focal, grad_norm,
+  anomaly_fraction (share of examples that received a non-empty simulated anomaly) and, with a
+  ``schedule``, the learning rate used by this step.
+  """
+  grad_fn = make_grad_fn(model, synthesis_config)
+
+  def train_step(state: TrainState, images: jax.Array, sources: jax.Array):
+    grads, batch_stats, metrics = grad_fn(state, images, sources)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": total, **terms, "grad_norm": optax.global_norm(grads),
-               "anomaly_fraction": jnp.mean(syn.has_anomaly)}
     if schedule is not None:
       metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,

@@ -25,6 +25,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from draem_jax import checkpointing
+from draem_jax import evaluate
 from draem_jax import parallel
 from draem_jax import steps
 from draem_jax import synthesis
@@ -32,12 +33,18 @@ from draem_jax import writers
 from draem_jax.data import datasets
 from draem_jax.data import pipeline
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mvtec.py:bottle.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and evaluation.")
-_MULTIHOST = flags.DEFINE_bool(
-    "multihost", False, "Call jax.distributed.initialize() first (TPU pods, Slurm, multi-node GPU). "
-    "Detected automatically on multi-worker TPU slices.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Command-line flags; defined only when run as a program, so the library imports cleanly."""
+  config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mvtec.py:bottle.",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and evaluation.")
+  flags.DEFINE_bool("multihost", False,
+                    "Call jax.distributed.initialize() first (TPU pods, Slurm, multi-node GPU). "
+                    "Detected automatically on multi-worker TPU slices.")
+  flags.mark_flags_as_required(["config", "workdir"])
 
 # Fields that define the trained model; resuming with a different value would mix two runs.
 _STRUCTURAL_FIELDS = ("dataset", "category", "image_size", "batch_size", "seed", "model.recon_width",
@@ -157,7 +164,6 @@ class _Preemption:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the run in ``workdir`` and evaluates it; returns the evaluation metrics."""
-  from draem_jax import evaluate  # pylint: disable=g-import-not-at-top  (evaluate imports train helpers)
 
   workdir = os.path.abspath(workdir)
   logging.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
@@ -212,13 +218,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     start = 0
 
   # -- The jitted step: batch sharded over "data", state replicated and donated.
-  synthesis_config = synthesis.SynthesisConfig.from_variant(config.synthesis.variant)
+  synthesis_config = synthesis_config_for(config)
   train_step = jax.jit(steps.make_train_step(model, tx, synthesis_config, schedule),
                        in_shardings=(repl, data_sh, repl), out_shardings=(repl, repl),
                        donate_argnums=0)
 
   train_iter = pipeline.TrainIterator(train_images, global_batch_size=config.batch_size,
-                                      seed=config.seed, start_step=start, sharding=data_sh)
+                                      seed=config.seed, start_step=start, sharding=data_sh,
+                                      end_step=total_steps)
   writer = writers.MetricWriter(workdir)
   progress = writers.Progress(total_steps, config.batch_size, start)
   history: list[dict[str, float]] = []
@@ -226,9 +233,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   def finish_step(step: int, metrics) -> None:
     """Pulls one step's metrics to the host (one step behind dispatch) and checks them."""
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if not np.isfinite(values["loss"]):
+    # The gradient norm is checked too: a finite loss with non-finite gradients still poisons the
+    # parameters this step saves.
+    if not (np.isfinite(values["loss"]) and np.isfinite(values["grad_norm"])):
       raise TrainingError(
-          f"Non-finite loss ({values['loss']}) at step {step}; stopping. The last good checkpoint "
+          f"Non-finite loss ({values['loss']}) or gradient norm ({values['grad_norm']}) at step "
+          f"{step}; stopping. The last good checkpoint "
           f"(step {mngr.latest_step()}) is intact. Lower config.learning_rate or use float32.")
     history.append(values)
     if step % config.log_every_steps == 0 or step == total_steps:
@@ -244,32 +254,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   pending = None
   stopped_early = False
+  step = start
   # jit's explicit shardings place every array; no ambient mesh context is needed.
-  with _Preemption() as preemption:
-    for step in range(start + 1, total_steps + 1):
-      batch = next(train_iter)
-      state, metrics = train_step(state, batch, sources)
+  try:
+    with _Preemption() as preemption, train_iter:
+      for step in range(start + 1, total_steps + 1):
+        batch = next(train_iter)
+        state, metrics = train_step(state, batch, sources)
+        if pending is not None:
+          finish_step(*pending)
+        pending = (step, metrics)
+        stop = preemption.should_stop(mngr, step) or (
+            config.get("stop_after_steps", 0) > 0 and step - start >= config.stop_after_steps)
+        if step % config.checkpoint_every_steps == 0 or step == total_steps or stop:
+          finish_step(*pending)  # never save a state whose loss was not checked
+          pending = None
+          checkpointing.save(mngr, step, state.model_variables(), state.train_item())
+        if stop:
+          stopped_early = step < total_steps
+          break
       if pending is not None:
         finish_step(*pending)
-      pending = (step, metrics)
-      stop = preemption.should_stop(mngr, step)
-      if step % config.checkpoint_every_steps == 0 or step == total_steps or stop:
-        finish_step(*pending)  # never save a state whose loss was not checked
-        pending = None
-        checkpointing.save(mngr, step, state.model_variables(), state.train_item())
-      if stop:
-        stopped_early = step < total_steps
-        break
-    if pending is not None:
-      finish_step(*pending)
-  train_iter.close()
-  mngr.wait_until_finished()
-  mngr.close()
-  writer.close()
+  finally:
+    # Let an in-flight (async) save complete even when training failed: it holds a checked state.
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.close()
   if stopped_early:
-    logging.warning("Stopped at step %d after SIGTERM; rerun the same command to resume.", step)
+    logging.warning("Stopped at step %d of %d (SIGTERM or config.stop_after_steps); rerun the same "
+                    "command to resume.", step, total_steps)
     return {}
   return evaluate.evaluate_workdir(workdir, config=config)
+
+
+def synthesis_config_for(config) -> synthesis.SynthesisConfig:
+  variant = config.synthesis.variant
+  if variant == "original":
+    return synthesis.SynthesisConfig()
+  if variant == "paper":
+    return synthesis.SynthesisConfig.paper()
+  raise ValueError(f"config.synthesis.variant={variant!r}: use 'original' or 'paper'.")
 
 
 def maybe_initialize_distributed(multihost: bool) -> None:
@@ -282,14 +306,15 @@ def maybe_initialize_distributed(multihost: bool) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  maybe_initialize_distributed(_MULTIHOST.value)
+  writers.quiet_library_logs()
+  maybe_initialize_distributed(FLAGS.multihost)
   try:
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (TrainingError, ValueError, FileNotFoundError) as e:
     logging.error("%s", e)
     raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
+  define_flags()
   app.run(main)

@@ -9,6 +9,7 @@ first (compiling) step.
 from __future__ import annotations
 
 import json
+import logging as logging_std
 import math
 import os
 import time
@@ -95,3 +96,21 @@ class Progress:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}"
+
+
+class _DropLibraryInfo(logging_std.Filter):
+  """Drops INFO/DEBUG records that orbax and tfds log through absl (dozens per checkpoint)."""
+
+  _NOISY = (f"{os.sep}orbax{os.sep}", f"{os.sep}tensorflow_datasets{os.sep}", f"{os.sep}etils{os.sep}")
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    if record.levelno >= logging_std.WARNING:
+      return True
+    return not any(part in record.pathname for part in self._NOISY)
+
+
+def quiet_library_logs() -> None:
+  """Keeps the command-line log to draem_jax's own progress lines (library warnings still show)."""
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _DropLibraryInfo) for f in handler.filters):
+    handler.addFilter(_DropLibraryInfo())

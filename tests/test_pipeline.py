@@ -1,5 +1,6 @@
 """Tests for draem_jax.parallel and draem_jax.data.pipeline (8 simulated CPU devices)."""
 
+import gc
 import threading
 import time
 
@@ -210,6 +211,16 @@ def test_prefetch_is_bounded_and_closes_cleanly():
   assert not it.alive
   assert threading.active_count() == before
   it.close()  # idempotent
+
+
+def test_dropping_the_iterator_stops_its_thread():
+  it = pipeline.TrainIterator(_images(8), 4, 0, prefetch=1)
+  thread = it._thread  # pylint: disable=protected-access
+  next(it)
+  del it
+  gc.collect()
+  thread.join(5)
+  assert not thread.is_alive()
 
 
 # ---------------------------------------------------------------------------------------- evaluation

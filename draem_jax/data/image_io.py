@@ -8,8 +8,8 @@ This module reproduces both on the host:
   works in BGR (cv2); callers that want the reference's order flip the last axis.
 * ``resize_bilinear``: OpenCV's INTER_LINEAR for uint8 (half-pixel centres, edge clamp, no antialias
   when shrinking). The default ``arithmetic="opencv"`` repeats OpenCV's 11-bit fixed-point arithmetic
-  and is bit-exact with ``cv2.resize`` (checked against opencv 4.14 and 5.0); ``"float"`` rounds the
-  exact float64 value to nearest, which differs from OpenCV by one grey level on ~12 % of pixels.
+  and is bit-exact with ``cv2.resize`` (checked against opencv 4.14 and 5.0); ``"exact"`` rounds the
+  exact value to nearest, which differs from OpenCV by one grey level on ~12 % of pixels.
 * ``load_mask``: a 0/255 defect mask -> bool at the target size, with the reference's binarisation.
 """
 
@@ -110,7 +110,8 @@ def _axis_taps(src: int, dst: int, clamp_weight: bool) -> tuple[np.ndarray, ...]
   Returns:
     (i0, i1, w0, w1): int32 arrays of shape (dst,).
   """
-  pos = ((np.arange(dst, dtype=np.float64) + 0.5) * (src / dst) - 0.5).astype(np.float32)
+  scale = 1.0 / (dst / src)  # OpenCV inverts its inverse scale; may differ from src/dst in the last ulp.
+  pos = ((np.arange(dst, dtype=np.float64) + 0.5) * scale - 0.5).astype(np.float32)
   i0 = np.floor(pos).astype(np.int64)
   frac = pos - i0.astype(np.float32)
   if clamp_weight:
@@ -125,28 +126,32 @@ def _axis_taps(src: int, dst: int, clamp_weight: bool) -> tuple[np.ndarray, ...]
   return (i0.astype(np.int32), i1.astype(np.int32), w0.astype(np.int32), w1.astype(np.int32))
 
 
-def _float_taps(src: int, dst: int) -> tuple[np.ndarray, ...]:
-  """Edge-clamped indices and exact float64 weights along one axis."""
-  pos = (np.arange(dst, dtype=np.float64) + 0.5) * (src / dst) - 0.5
-  i0 = np.floor(pos)
-  frac = pos - i0
-  i0 = i0.astype(np.int64)
-  return np.clip(i0, 0, src - 1), np.clip(i0 + 1, 0, src - 1), 1.0 - frac, frac
+def _exact_taps(src: int, dst: int) -> tuple[np.ndarray, ...]:
+  """Edge-clamped indices and exact integer weights (denominator 2 * dst) along one axis.
+
+  The sample position (i + 0.5) * src / dst - 0.5 equals ((2i + 1) * src - dst) / (2 * dst), so
+  integer arithmetic gives its floor and fraction exactly (no float ties to mis-round).
+  """
+  num = (2 * np.arange(dst, dtype=np.int64) + 1) * src - dst
+  i0 = num // (2 * dst)
+  frac = num - i0 * (2 * dst)
+  return (np.clip(i0, 0, src - 1), np.clip(i0 + 1, 0, src - 1), 2 * dst - frac, frac)
 
 
 def resize_bilinear(image: np.ndarray, size: tuple[int, int],
-                    arithmetic: Literal["opencv", "float"] = "opencv") -> np.ndarray:
+                    arithmetic: Literal["opencv", "exact"] = "opencv") -> np.ndarray:
   """Bilinear resize with ``cv2.resize(image, (W, H), interpolation=cv2.INTER_LINEAR)`` semantics.
 
   Half-pixel centres, edge clamp, and no antialiasing when shrinking (a 4x reduction reads only the
-  two middle pixels of each 4-pixel group). Separable: rows are gathered first, then columns, so the
-  cost is O(out_H * in_W + out_H * out_W) per channel.
+  two middle pixels of each 4-pixel group). Separable: the two tap rows and then the two tap columns
+  are gathered as uint8, so the arithmetic runs at output size only.
 
   Args:
     image: uint8 array (H, W) or (H, W, C).
     size: output (height, width) -- note: not OpenCV's (width, height) order.
     arithmetic: ``"opencv"`` (default) repeats OpenCV's 11-bit fixed-point weights and its rounding,
-      bit-exact with cv2 for uint8; ``"float"`` computes in float64 and rounds half up.
+      bit-exact with cv2 for uint8; ``"exact"`` rounds the exact value half up (computed with
+      integers, so no float ties are mis-rounded).
 
   Returns:
     uint8 array (size[0], size[1]) or (size[0], size[1], C).
@@ -161,31 +166,57 @@ def resize_bilinear(image: np.ndarray, size: tuple[int, int],
   in_h, in_w = image.shape[:2]
   if (in_h, in_w) == (out_h, out_w):
     return image.copy()  # Both arithmetics are exactly the identity here.
-  tail = (1,) * (image.ndim - 2)  # Broadcast weights over the channel axis.
-  if arithmetic == "float":
-    y0, y1, wy0, wy1 = _float_taps(in_h, out_h)
-    x0, x1, wx0, wx1 = _float_taps(in_w, out_w)
-    rows = (image[y0].astype(np.float64) * wy0.reshape((-1, 1) + tail)
-            + image[y1].astype(np.float64) * wy1.reshape((-1, 1) + tail))
-    out = rows[:, x0] * wx0.reshape((1, -1) + tail) + rows[:, x1] * wx1.reshape((1, -1) + tail)
-    return np.floor(out + 0.5).clip(0, 255).astype(np.uint8)
+  # Work on (H, W * C) with per-channel column indices: every op then runs on contiguous 2-D rows.
+  channels = 1 if image.ndim == 2 else image.shape[2]
+  flat = image.reshape(in_h, in_w * channels)
+
+  def columns(idx: np.ndarray) -> np.ndarray:
+    return (idx[:, None] * channels + np.arange(channels)).reshape(-1)
+
+  def per_channel(w: np.ndarray) -> np.ndarray:
+    return np.repeat(w, channels)[None, :]
+
+  if arithmetic == "exact":
+    # Exact rational value, rounded half up: int64 numerators over (2 * out_h) * (2 * out_w).
+    y0, y1, wy0, wy1 = _exact_taps(in_h, out_h)
+    x0, x1, wx0, wx1 = _exact_taps(in_w, out_w)
+    c0, c1, wx0, wx1 = columns(x0), columns(x1), per_channel(wx0), per_channel(wx1)
+
+    def horizontal_exact(rows: np.ndarray) -> np.ndarray:
+      return (np.take(rows, c0, axis=1).astype(np.int64) * wx0
+              + np.take(rows, c1, axis=1).astype(np.int64) * wx1)
+
+    out = (horizontal_exact(flat[y0]) * wy0[:, None] + horizontal_exact(flat[y1]) * wy1[:, None])
+    den = 4 * out_h * out_w
+    out = (2 * out + den) // (2 * den)
+    return out.astype(np.uint8).reshape((out_h, out_w) + image.shape[2:])
   if arithmetic != "opencv":
-    raise ValueError(f"resize_bilinear: arithmetic must be 'opencv' or 'float', got {arithmetic!r}")
+    raise ValueError(f"resize_bilinear: arithmetic must be 'opencv' or 'exact', got {arithmetic!r}")
   y0, y1, by0, by1 = _axis_taps(in_h, out_h, clamp_weight=False)
   x0, x1, ax0, ax1 = _axis_taps(in_w, out_w, clamp_weight=True)
-  ax0 = ax0.reshape((1, -1) + tail)
-  ax1 = ax1.reshape((1, -1) + tail)
+  c0, c1, ax0, ax1 = columns(x0), columns(x1), per_channel(ax0), per_channel(ax1)
 
   def horizontal(rows: np.ndarray) -> np.ndarray:
-    # OpenCV's horizontal pass keeps the exact int sum (scale 2048), then drops 4 bits.
-    r = rows.astype(np.int32)
-    return (r[:, x0] * ax0 + r[:, x1] * ax1) >> 4
+    # Gather the taps as uint8 first so the int32 work is at output size. OpenCV's horizontal pass
+    # keeps the exact int sum (scale 2048); the vertical pass then drops 4 bits.
+    h = np.take(rows, c0, axis=1).astype(np.int32)
+    h *= ax0
+    h += np.take(rows, c1, axis=1).astype(np.int32) * ax1
+    h >>= 4
+    return h
 
-  top = horizontal(image[y0])
-  bottom = horizontal(image[y1])
   # Vertical pass: (b * (h >> 4)) >> 16 per row, then a rounding shift by 2 (VResizeLinear, 8U).
-  v = ((by0.reshape((-1, 1) + tail) * top) >> 16) + ((by1.reshape((-1, 1) + tail) * bottom) >> 16)
-  return np.clip((v + 2) >> 2, 0, 255).astype(np.uint8)
+  top = horizontal(flat[y0])
+  top *= by0[:, None]
+  top >>= 16
+  bottom = horizontal(flat[y1])
+  bottom *= by1[:, None]
+  bottom >>= 16
+  top += bottom
+  top += 2
+  top >>= 2
+  np.minimum(top, 255, out=top)
+  return top.astype(np.uint8).reshape((out_h, out_w) + image.shape[2:])
 
 
 def resize_nearest(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -203,6 +234,11 @@ def resize_nearest(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   ys = np.minimum(((np.arange(out_h) + 0.5) * (in_h / out_h)).astype(np.int64), in_h - 1)
   xs = np.minimum(((np.arange(out_w) + 0.5) * (in_w / out_w)).astype(np.int64), in_w - 1)
   return image[ys][:, xs]
+
+
+def _check_rule(rule: str) -> None:
+  if rule not in ("reference", "nearest"):
+    raise ValueError(f"mask rule must be 'reference' or 'nearest', got {rule!r}")
 
 
 def load_mask(path: str | os.PathLike, size: tuple[int, int],
@@ -231,8 +267,23 @@ def load_mask(path: str | os.PathLike, size: tuple[int, int],
     FileNotFoundError: the file does not exist.
     ValueError: the file cannot be decoded, or it is a genuinely coloured image.
   """
-  if rule not in ("reference", "nearest"):
-    raise ValueError(f"mask rule must be 'reference' or 'nearest', got {rule!r}")
+  _check_rule(rule)
+  return resize_mask(read_mask(path), size, rule)
+
+
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+  """Decodes a defect mask at its own size: pixels > 127 are defect.
+
+  Args:
+    path: mask file; grey, or colour with three identical channels (alpha ignored).
+
+  Returns:
+    bool array (H, W).
+
+  Raises:
+    FileNotFoundError: the file does not exist.
+    ValueError: the file cannot be decoded, or it is a genuinely coloured image.
+  """
   a = _to_uint8_array(_open(path), path)
   if a.ndim == 3:
     if not (np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 0], a[..., 2])):
@@ -240,7 +291,26 @@ def load_mask(path: str | os.PathLike, size: tuple[int, int],
           f"mask file {os.fspath(path)} is a colour image (its R, G and B channels differ); a defect "
           "mask must be single-channel (0 = good, 255 = defect). Save it as 8-bit greyscale PNG.")
     a = a[..., 0]
-  binary = np.where(a > 127, np.uint8(255), np.uint8(0))
+  return a > 127
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int], rule: MaskRule = "reference") -> np.ndarray:
+  """Binarises a grey mask (> 127 = defect) and resizes it with ``rule`` (see ``load_mask``).
+
+  Args:
+    mask: uint8 (H, W) grey mask, or bool (H, W).
+    size: output (height, width).
+    rule: ``"reference"`` or ``"nearest"``.
+
+  Returns:
+    bool array (size[0], size[1]).
+  """
+  _check_rule(rule)
+  mask = np.asarray(mask)
+  if mask.ndim != 2:
+    raise ValueError(f"resize_mask expects a (H, W) mask, got shape {mask.shape}")
+  defect = mask if mask.dtype == bool else mask > 127
+  binary = np.where(defect, np.uint8(255), np.uint8(0))
   if rule == "nearest":
     return resize_nearest(binary, size) > 0
   return resize_bilinear(binary, size) == 255

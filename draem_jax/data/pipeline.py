@@ -31,7 +31,7 @@ import functools
 import math
 import queue
 import threading
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -189,6 +189,41 @@ class _Failure:
 _END = object()
 
 
+def _make_train_batch(images: RowSource, batch_size: int, seed: int, rows: slice,
+                      sharding: jax.sharding.Sharding | None, step: int) -> Any:
+  idx = train_batch_indices(step, len(images), batch_size, seed)
+  local = _gather_rows(images, idx[rows])
+  if sharding is None:
+    return to_unit_float_host(local)
+  global_shape = (batch_size,) + local.shape[1:]
+  return _to_unit_float_device(
+      jax.make_array_from_process_local_data(sharding, local, global_shape))
+
+
+def _put(q: queue.Queue, stop: threading.Event, item: Any) -> bool:
+  # Poll so that close() can stop a producer blocked on a full queue.
+  while not stop.is_set():
+    try:
+      q.put(item, timeout=0.05)
+      return True
+    except queue.Full:
+      pass
+  return False
+
+
+def _produce(make_batch: Callable[[int], Any], step: int, end_step: int | None, q: queue.Queue,
+             stop: threading.Event) -> None:
+  """Prefetch-thread body: batches for step, step + 1, ... then _END, or a _Failure."""
+  try:
+    while end_step is None or step < end_step:
+      if stop.is_set() or not _put(q, stop, make_batch(step)):
+        return
+      step += 1
+    _put(q, stop, _END)
+  except BaseException as e:  # noqa: BLE001 -- handed to the consumer, which re-raises it
+    _put(q, stop, _Failure(e))
+
+
 class TrainIterator:
   """Infinite (or ``end_step``-bounded) training stream with background prefetching.
 
@@ -252,39 +287,19 @@ class TrainIterator:
     self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
     self._stop = threading.Event()
     self._done = False
-    self._thread = threading.Thread(target=self._produce, args=(int(start_step),),
+    # The thread must not reference `self`: then dropping the iterator runs __del__, which stops it.
+    make_batch = functools.partial(_make_train_batch, images, self._batch_size, self._seed,
+                                   self._rows, sharding)
+    self._thread = threading.Thread(target=_produce,
+                                    args=(make_batch, int(start_step), end_step, self._queue,
+                                          self._stop),
                                     name="draem_jax-train-prefetch", daemon=True)
     self._thread.start()
 
   def make_batch(self, step: int) -> Any:
     """The batch of ``step``, computed synchronously (what the thread runs)."""
-    idx = train_batch_indices(step, self._num_images, self._batch_size, self._seed)
-    rows = _gather_rows(self._images, idx[self._rows])
-    if self._sharding is None:
-      return to_unit_float_host(rows)
-    global_shape = (self._batch_size,) + rows.shape[1:]
-    batch = jax.make_array_from_process_local_data(self._sharding, rows, global_shape)
-    return _to_unit_float_device(batch)
-
-  def _put(self, item: Any) -> bool:
-    # Poll so that close() can stop a producer blocked on a full queue.
-    while not self._stop.is_set():
-      try:
-        self._queue.put(item, timeout=0.05)
-        return True
-      except queue.Full:
-        pass
-    return False
-
-  def _produce(self, step: int) -> None:
-    try:
-      while self._end_step is None or step < self._end_step:
-        if self._stop.is_set() or not self._put(self.make_batch(step)):
-          return
-        step += 1
-      self._put(_END)
-    except BaseException as e:  # noqa: BLE001 -- handed to the consumer, which re-raises it
-      self._put(_Failure(e))
+    return _make_train_batch(self._images, self._batch_size, self._seed, self._rows,
+                             self._sharding, step)
 
   def __iter__(self) -> Iterator[Any]:
     return self
@@ -334,6 +349,7 @@ class TrainIterator:
     self.close()
 
   def __del__(self):
+    # A dropped iterator (e.g. at the end of training) stops its thread without an explicit close().
     stop = getattr(self, "_stop", None)
     if stop is not None:
       stop.set()

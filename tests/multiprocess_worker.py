@@ -1,0 +1,67 @@
+"""One process of a multi-process data-parallel training run on the CPU (used by test_multiprocess.py).
+
+  python multiprocess_worker.py PROCESS_ID NUM_PROCESSES PORT DEVICES_PER_PROCESS
+
+With NUM_PROCESSES=1 it runs the same computation in one process with the same total device count. Prints
+one JSON line {"losses": [...], "batch_stats_sum": ...} from process 0 (every process computes the same
+replicated values).
+"""
+
+import json
+import os
+import sys
+
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+
+pid, nproc, port, per_process = map(int, sys.argv[1:5])
+jax.config.update("jax_num_cpu_devices", per_process)
+if nproc > 1:
+  jax.distributed.initialize(f"localhost:{port}", nproc, pid, initialization_timeout=90)
+
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+from draem_jax import parallel  # noqa: E402
+from draem_jax import steps  # noqa: E402
+from draem_jax import synthesis  # noqa: E402
+from draem_jax.data import pipeline  # noqa: E402
+
+SIZE, BATCH, NUM_STEPS = 32, 8, 3
+
+
+def main():
+  config = ml_collections.ConfigDict(dict(
+      batch_size=BATCH, num_epochs=10, learning_rate=1e-3, lr_schedule="original",
+      model=dict(recon_width=4, disc_width=4, dtype="float32")))
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (12, SIZE, SIZE, 3), dtype=np.uint8)
+  sources = rng.integers(0, 256, (4, SIZE, SIZE, 3), dtype=np.uint8)
+
+  mesh = parallel.make_mesh()
+  repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
+  model = steps.build_model(config)
+  schedule = steps.learning_rate_schedule(config, len(images))
+  tx = steps.make_optimizer(schedule)
+  key = jax.jit(jax.random.key, out_shardings=repl)(0)
+  state = jax.jit(lambda k: steps.create_train_state(model, tx, k, (SIZE, SIZE)),
+                  out_shardings=repl)(key)
+  step_fn = jax.jit(steps.make_train_step(model, tx, synthesis.SynthesisConfig(), schedule),
+                    in_shardings=(repl, data, repl), out_shardings=(repl, repl), donate_argnums=0)
+  src = jax.device_put(sources, repl)
+  losses = []
+  with pipeline.TrainIterator(images, BATCH, seed=0, sharding=data) as it:
+    for _ in range(NUM_STEPS):
+      state, metrics = step_fn(state, next(it), src)
+      losses.append(float(jax.device_get(metrics["loss"])))
+  stats = float(sum(np.sum(np.asarray(x)) for x in jax.tree.leaves(jax.device_get(state.batch_stats))))
+  if pid == 0:
+    print(json.dumps({"losses": losses, "batch_stats_sum": stats,
+                      "devices": jax.device_count(), "processes": jax.process_count()}), flush=True)
+  if nproc > 1:
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,50 @@
+"""Two jax.distributed processes (gloo, loopback) train exactly like one process with as many devices."""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+WORKER = pathlib.Path(__file__).with_name("multiprocess_worker.py")
+REPO = WORKER.parent.parent
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _run(nproc: int, per_process: int) -> dict:
+  port = _free_port()
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+  env.pop("XLA_FLAGS", None)
+  procs = [subprocess.Popen([sys.executable, str(WORKER), str(i), str(nproc), str(port),
+                             str(per_process)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env, text=True) for i in range(nproc)]
+  outs = []
+  try:
+    for p in procs:
+      outs.append(p.communicate(timeout=240))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, f"worker failed (rc {p.returncode}):\n{err[-3000:]}"
+  line = [l for l in outs[0][0].splitlines() if l.startswith("{")][-1]
+  return json.loads(line)
+
+
+def test_two_processes_match_one_process():
+  single = _run(1, 4)
+  multi = _run(2, 2)
+  assert single["devices"] == multi["devices"] == 4
+  assert multi["processes"] == 2
+  np.testing.assert_allclose(multi["losses"], single["losses"], rtol=1e-5)
+  np.testing.assert_allclose(multi["batch_stats_sum"], single["batch_stats_sum"], rtol=1e-5)
