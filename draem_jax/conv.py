@@ -7,14 +7,14 @@ GEMMs, one per tap (i, j):
 
     dW[i, j] = pad(x)[:, i:i+H, j:j+W, :].reshape(-1, Cin).T @ dy.reshape(-1, Cout),
 
-which XLA's CPU matmul runs near peak. ``conv3x3`` therefore uses a ``jax.custom_vjp`` on CPU whose forward
-and input gradient are XLA's own convolutions and whose weight gradient is GEMMs: nine of them when a side
-has more than 64 channels, or one against the nine windows side by side when one side has at most 16
-channels (first and last layers, where nine skinny GEMMs would be slower than XLA). 64 -> 64 channel layers
-keep XLA's weight gradient, which measured faster there. On GPU/TPU (where the native
-backward is fast) and whenever ``fast_cpu=False`` it is plain
-``lax.conv_general_dilated``. The custom rule supports reverse mode only (``grad``/``vjp``), not ``jvp``;
-pass ``fast_cpu=False`` for forward-mode or higher-order derivatives.
+which XLA's CPU matmul runs near peak. ``conv3x3`` therefore uses, on CPU, a ``jax.custom_vjp`` whose
+forward and input gradient are XLA's own convolutions and whose weight gradient is chosen by channel
+counts (see ``_weight_grad``): nine GEMMs when a side has more than 64 channels; one GEMM against the nine
+windows side by side when a side has at most 16 (first and last layers, where nine skinny GEMMs lose); and
+XLA's weight-gradient conv in between (64 -> 64 channels), where it measured fastest. On GPU/TPU, whose
+native backward is fast, and whenever ``fast_cpu=False`` it is plain ``lax.conv_general_dilated``.
+The custom rule supports reverse mode only (``grad``/``vjp``), not ``jvp``; pass ``fast_cpu=False`` for
+forward-mode or higher-order derivatives.
 
 Run ``python -m draem_jax.conv`` for a small native-vs-custom timing of one 256->256 channel convolution.
 """

@@ -230,8 +230,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   progress = writers.Progress(total_steps, config.batch_size, start)
   history: list[dict[str, float]] = []
 
-  def finish_step(step: int, metrics) -> None:
-    """Pulls one step's metrics to the host (one step behind dispatch) and checks them."""
+  def finish_step(step: int, metrics, last: bool = False) -> None:
+    """Pulls one step's metrics to the host (one step behind dispatch), checks and logs them."""
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
     # The gradient norm is checked too: a finite loss with non-finite gradients still poisons the
     # parameters this step saves.
@@ -241,7 +241,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           f"{step}; stopping. The last good checkpoint "
           f"(step {mngr.latest_step()}) is intact. Lower config.learning_rate or use float32.")
     history.append(values)
-    if step % config.log_every_steps == 0 or step == total_steps:
+    if step % config.log_every_steps == 0 or step == total_steps or last:
       rates = progress.update(step)
       means = {k: float(np.mean([h[k] for h in history])) for k in history[0]}
       history.clear()
@@ -267,7 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         stop = preemption.should_stop(mngr, step) or (
             config.get("stop_after_steps", 0) > 0 and step - start >= config.stop_after_steps)
         if step % config.checkpoint_every_steps == 0 or step == total_steps or stop:
-          finish_step(*pending)  # never save a state whose loss was not checked
+          finish_step(*pending, last=stop)  # never save a state whose loss was not checked
           pending = None
           checkpointing.save(mngr, step, state.model_variables(), state.train_item())
         if stop:

@@ -104,9 +104,10 @@ class _DropLibraryInfo(logging_std.Filter):
   _NOISY = (f"{os.sep}orbax{os.sep}", f"{os.sep}tensorflow_datasets{os.sep}", f"{os.sep}etils{os.sep}")
 
   def filter(self, record: logging_std.LogRecord) -> bool:
-    if record.levelno >= logging_std.WARNING:
-      return True
-    return not any(part in record.pathname for part in self._NOISY)
+    noisy = any(part in record.pathname for part in self._NOISY)
+    if noisy and str(record.msg).startswith("Given directory is read only"):
+      return False  # orbax's note on every read-only (evaluation) manager; expected, not a problem
+    return record.levelno >= logging_std.WARNING or not noisy
 
 
 def quiet_library_logs() -> None:
