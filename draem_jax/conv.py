@@ -16,7 +16,7 @@ native backward is fast, and whenever ``fast_cpu=False`` it is plain ``lax.conv_
 The custom rule supports reverse mode only (``grad``/``vjp``), not ``jvp``; pass ``fast_cpu=False`` for
 forward-mode or higher-order derivatives.
 
-Run ``python -m draem_jax.conv`` for a small native-vs-custom timing of one 256->256 channel convolution.
+``python -c "from draem_jax import conv; conv.benchmark()"`` times one 256->256 channel conv, native vs custom.
 """
 
 import functools
@@ -206,7 +206,7 @@ class Conv3x3(nn.Module):
     return y
 
 
-def _benchmark(batch: int = 8, size: int = 64, channels: int = 256, repeats: int = 3) -> None:
+def benchmark(batch: int = 8, size: int = 64, channels: int = 256, repeats: int = 3) -> None:
   """Prints forward+backward time of one conv, native vs custom VJP (CPU)."""
   import time  # pylint: disable=g-import-not-at-top
 
@@ -225,7 +225,3 @@ def _benchmark(batch: int = 8, size: int = 64, channels: int = 256, repeats: int
     best = min(times)
     print(f"{'custom' if fast else 'native'}: fwd+bwd {best * 1e3:.0f} ms "
           f"({3 * gflop / best:.0f} GFLOP/s), backend {jax.default_backend()}")
-
-
-if __name__ == "__main__":
-  _benchmark()
