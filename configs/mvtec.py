@@ -53,6 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.recon_width = 128
   c.model.disc_width = 64
   c.model.dtype = "float32"       # "bfloat16": bf16 compute, f32 params
+  c.model.fast_cpu_conv = False   # CPU only: 5-15% faster steps, ~2.3x activation memory (conv.py)
 
   # Optimisation.
   c.batch_size = 8                # global, over all devices of all processes

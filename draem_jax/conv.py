@@ -179,7 +179,7 @@ class Conv3x3(nn.Module):
   param_dtype: Any = jnp.float32
   kernel_init: Initializer = DEFAULT_KERNEL_INIT
   bias_init: Initializer | None = None
-  fast_cpu_conv: bool = True
+  fast_cpu_conv: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:

@@ -53,7 +53,7 @@ def build_model(config) -> models.DRAEM:
   if dtype is None:
     raise ValueError(f"config.model.dtype={config.model.dtype!r}: use 'float32' or 'bfloat16'")
   return models.DRAEM(recon_width=config.model.recon_width, disc_width=config.model.disc_width,
-                      dtype=dtype)
+                      dtype=dtype, fast_cpu_conv=bool(config.model.get("fast_cpu_conv", False)))
 
 
 # ceil(N / B): the original's DataLoader length with drop_last=False; the data stream defines it.
