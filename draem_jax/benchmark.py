@@ -85,6 +85,8 @@ class BenchConfig:
     peak_tflops: per-device peak for MFU; 0 = look the device kind up in ``PEAK_TFLOPS``.
     compilation_cache_dir: JAX persistent compilation cache ("" = off). With a warm cache the reported
       compile times are cache loads.
+    fast_cpu_conv: draem_jax's custom CPU conv weight gradient (``conv.py``; faster, ~2.3x activation
+      memory); False = XLA's native conv, the project default.
   """
   sections: Sequence[str] = SECTIONS
   repeats: int = 5
@@ -109,13 +111,20 @@ class BenchConfig:
   use_anomalib: bool = True
   peak_tflops: float = 0.0
   compilation_cache_dir: str = ""
+  fast_cpu_conv: bool = False
 
   @classmethod
   def quick(cls, **overrides) -> "BenchConfig":
-    """About a minute on a 2-core CPU: small sizes, 3 repeats, a 20-step quality run."""
-    base = dict(repeats=3, synth_batch_sizes=(8,), train_image_size=64, recon_width=16, disc_width=8,
-                infer_batch_size=8, scaling_devices=(1, 2), scaling_per_device_batch=2,
-                quality_steps=20, quality_image_size=64, max_textures=32)
+    """A smoke run: synthesis, train and infer only, small sizes, 3 repeats.
+
+    Compiling dominates on a CPU (each train-step program is ~30 s on 2 busy cores), so the scaling and
+    quality sections, which add 2-3 more such compiles, run only when named in ``sections``; then with
+    1-2 devices and a 20-step quality run.
+    """
+    base = dict(sections=("synthesis", "train", "infer"), repeats=3, synth_batch_sizes=(8,),
+                train_image_size=64, recon_width=16, disc_width=8, infer_batch_size=8,
+                scaling_devices=(1, 2), scaling_per_device_batch=2, quality_steps=20,
+                quality_image_size=64, max_textures=32)
     base.update(overrides)
     return cls(**base)
 
@@ -327,7 +336,8 @@ def machine_info(threads: int) -> dict[str, Any]:
   versions = {"python": platform.python_version(), "jax": jax.__version__}
   flags_in_effect = {"XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
                      "jax_compilation_cache_dir": jax.config.jax_compilation_cache_dir or "",
-                     "jax_disable_most_optimizations": bool(jax.config.values.get("jax_disable_most_optimizations"))}
+                     "jax_disable_most_optimizations":
+                         bool(jax.config.values.get("jax_disable_most_optimizations"))}
   for name in ("jaxlib", "flax", "optax", "numpy", "torch", "anomalib"):
     try:
       versions[name] = __import__(name).__version__
@@ -384,13 +394,33 @@ def _normal_images(n: int, size: int, seed: int = 0) -> np.ndarray:
   return np.repeat(np.repeat(coarse, reps, 1), reps, 2)[:, :size, :size].astype(np.uint8)
 
 
+def _random_variables(model, image_size: int, seed: int = 0) -> dict[str, Any]:
+  """Model variables shaped by ``jax.eval_shape`` and filled on the host like DRAEM's init.
+
+  Conv kernels N(0, 0.02), biases and BN shifts 0, BN scales and running variances 1. Speed does not
+  depend on the values, and this avoids compiling ``model.init`` (as long as a train step on a CPU).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  shapes = jax.eval_shape(lambda k: model.init(k, jax.numpy.zeros((1, image_size, image_size, 3)),
+                                               train=False), jax.random.key(0))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = str(getattr(path[-1], "key", path[-1]))
+    if name == "kernel":
+      return jax.device_put(rng.normal(0.0, 0.02, leaf.shape).astype(leaf.dtype))
+    value = 1.0 if name in ("scale", "var") else 0.0
+    return jax.device_put(np.full(leaf.shape, value, leaf.dtype))
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
 def _to_torch(anomalib: Anomalib, images: np.ndarray):
   return anomalib.torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).float() / 255.0
 
 
 def _anomalib_model(anomalib: Anomalib, recon_width: int, disc_width: int):
   """DraemModel with the given widths (its constructor fixes 128 / 64, so the sub-networks are replaced)."""
-  model = anomalib.model_cls()
+  model = anomalib.model_cls()  # builds the full-width nets first; they are freed on replacement
   model.reconstructive_subnetwork = anomalib.recon_cls(in_channels=3, out_channels=3,
                                                        base_width=recon_width)
   model.discriminative_subnetwork = anomalib.disc_cls(in_channels=6, out_channels=2,
@@ -454,10 +484,14 @@ def _jax_train_setup(cfg: BenchConfig, image_size: int, global_batch: int, devic
   import optax  # pylint: disable=g-import-not-at-top
   mesh = parallel.make_mesh(devices)
   repl, data_sh = parallel.replicated(mesh), parallel.data_sharding(mesh)
-  model = models.DRAEM(recon_width=cfg.recon_width, disc_width=cfg.disc_width)
+  model = models.DRAEM(recon_width=cfg.recon_width, disc_width=cfg.disc_width,
+                       fast_cpu_conv=cfg.fast_cpu_conv)
   tx = steps.make_optimizer(optax.constant_schedule(1e-4))
-  state = jax.jit(lambda k: steps.create_train_state(model, tx, k, (image_size, image_size)),
-                  out_shardings=repl)(jax.random.key(0))
+  variables = _random_variables(model, image_size)
+  state = jax.device_put(steps.TrainState(
+      step=jax.numpy.zeros((), jax.numpy.int32), params=variables["params"],
+      batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
+      key=jax.random.key(1)), repl)
   step = jax.jit(steps.make_train_step(model, tx, synthesis.SynthesisConfig()),
                  in_shardings=(repl, data_sh, repl), out_shardings=(repl, repl), donate_argnums=0)
   images = jax.device_put(_normal_images(global_batch, image_size), data_sh)
@@ -535,12 +569,13 @@ def bench_infer(cfg: BenchConfig, anomalib: Anomalib, threads: int) -> list[dict
   import jax  # pylint: disable=g-import-not-at-top
   from draem_jax import models, steps  # pylint: disable=g-import-not-at-top
   size, batch = cfg.train_image_size, cfg.infer_batch_size
-  model = models.DRAEM(recon_width=cfg.recon_width, disc_width=cfg.disc_width)
+  model = models.DRAEM(recon_width=cfg.recon_width, disc_width=cfg.disc_width,
+                       fast_cpu_conv=cfg.fast_cpu_conv)
   images_np = _normal_images(batch, size)
+  variables = _random_variables(model, size)
+  images = jax.device_put(images_np)
+  # Peak above the level with the model in memory: compile, warm-up and timed calls.
   with PeakRss() as rss:
-    variables = jax.jit(lambda k: model.init(k, jax.numpy.zeros((1, size, size, 3)), train=False))(
-        jax.random.key(0))
-    images = jax.device_put(images_np)
     fn = jax.jit(steps.make_infer_fn(model))
     t0 = time.perf_counter()
     compiled = fn.lower(variables, images).compile()
@@ -564,10 +599,9 @@ def bench_infer(cfg: BenchConfig, anomalib: Anomalib, threads: int) -> list[dict
   if anomalib.available:
     def run_anomalib():
       torch = anomalib.torch
+      model = _anomalib_model(anomalib, cfg.recon_width, cfg.disc_width).eval()
+      x = _to_torch(anomalib, images_np)
       with PeakRss() as arss:
-        model = _anomalib_model(anomalib, cfg.recon_width, cfg.disc_width).eval()
-        x = _to_torch(anomalib, images_np)
-
         def call():
           with torch.inference_mode():
             model(x)
@@ -600,7 +634,7 @@ def bench_scaling(cfg: BenchConfig, anomalib: Anomalib, threads: int) -> list[di
   return rows
 
 
-def _load_mvtec_config(cfg: BenchConfig, workdir: str):
+def _load_mvtec_config(cfg: BenchConfig):
   """configs/mvtec.py with the quality section's overrides."""
   spec = importlib.util.spec_from_file_location(
       "draem_bench_mvtec_config", os.path.join(_REPO_ROOT, "configs", "mvtec.py"))
@@ -613,13 +647,13 @@ def _load_mvtec_config(cfg: BenchConfig, workdir: str):
   c.max_sources = cfg.max_textures
   c.image_size = cfg.quality_image_size
   c.model.recon_width, c.model.disc_width = cfg.recon_width, cfg.disc_width
+  c.model.fast_cpu_conv = cfg.fast_cpu_conv
   c.batch_size = cfg.quality_batch_size
   c.lr_schedule = "constant"
   c.log_every_steps = max(cfg.quality_steps // 4, 1)
   c.checkpoint_every_steps = 10**9  # the final step is saved anyway
   c.eval.num_visualizations = 0
   c.eval.batch_size = cfg.quality_batch_size
-  del workdir
   return c
 
 
@@ -632,7 +666,7 @@ def bench_quality(cfg: BenchConfig, anomalib: Anomalib, threads: int) -> list[di
   from draem_jax import metrics as metrics_lib, steps, train  # pylint: disable=g-import-not-at-top
   from draem_jax.data import datasets  # pylint: disable=g-import-not-at-top
   with tempfile.TemporaryDirectory(prefix="draem_bench_") as workdir:
-    c = _load_mvtec_config(cfg, workdir)
+    c = _load_mvtec_config(cfg)
     num_train = len(datasets.load_train_images(c, workdir))
     spe = steps.steps_per_epoch(num_train, c.batch_size)
     c.num_epochs = max(1, -(-cfg.quality_steps // spe))
@@ -727,7 +761,8 @@ def _f(v, digits=3) -> str:
 def markdown(report: dict[str, Any]) -> str:
   """The report as Markdown tables (one per section)."""
   m, a = report["machine"], report["anomalib"]
-  out = [f"machine: {m['cpu_model']}, {m['threads']} threads of {m['cpu_count']} cores, backend "
+  out = [f"draem_jax fast_cpu_conv: {report['config']['fast_cpu_conv']}",
+         f"machine: {m['cpu_model']}, {m['threads']} threads of {m['cpu_count']} cores, backend "
          f"{m['backend']} ({len(m['devices'])} devices), load average {m['load_average_1_5_15']}; "
          f"jax {m['versions'].get('jax')}",
          f"jax settings: {m['jax_settings']}",
@@ -742,7 +777,8 @@ def markdown(report: dict[str, Any]) -> str:
 
   if "synthesis" in s:
     out += ["### Anomaly synthesis", "",
-            "| size | batch | draem_jax img/s | compile s | anomalib img/s | ratio |", "|---|---|---|---|---|---|"]
+            "| size | batch | draem_jax img/s | compile s | anomalib img/s | ratio |",
+            "|---|---|---|---|---|---|"]
     for r in s["synthesis"]:
       out.append(f"| {r['image_size']} | {r['batch']} | {_f(r['draem_jax']['images_per_s'])} | "
                  f"{_f(r['draem_jax']['compile_s'])} | {_f(side(r, 'anomalib', 'images_per_s'))} | "
@@ -750,7 +786,8 @@ def markdown(report: dict[str, Any]) -> str:
     out.append("")
   if "train" in s:
     out += ["### Train step (synthesis + both nets + losses + Adam)", "",
-            "| size | batch | widths | draem_jax img/s | compile s | TFLOP/s | MFU | anomalib img/s | ratio |",
+            "| size | batch | widths | draem_jax img/s | compile s | TFLOP/s | MFU | anomalib img/s "
+            "| ratio |",
             "|---|---|---|---|---|---|---|---|---|"]
     for r in s["train"]:
       j = r["draem_jax"]
@@ -803,10 +840,11 @@ def markdown(report: dict[str, Any]) -> str:
 def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   """The benchmark's flags, on ``fv`` (tests pass their own ``FlagValues``)."""
   d = BenchConfig()
-  flags.DEFINE_bool("quick", False, "About a minute on a 2-core CPU (small sizes and widths); explicit "
-                    "flags still override.", flag_values=fv)
-  flags.DEFINE_list("sections", list(SECTIONS), f"Sections to run, of {','.join(SECTIONS)}.",
+  flags.DEFINE_bool("quick", False, "Smoke run: synthesis, train, infer at small sizes and widths "
+                    "(~1.5 min on a busy 2-core CPU, mostly compiling); explicit flags still override.",
                     flag_values=fv)
+  flags.DEFINE_list("sections", list(SECTIONS), f"Sections to run, of {','.join(SECTIONS)} (--quick: "
+                    "the first three).", flag_values=fv)
   flags.DEFINE_integer("repeats", d.repeats, "Timed calls per measurement (median reported).",
                        flag_values=fv)
   flags.DEFINE_integer("warmup", d.warmup, "Untimed calls after compilation.", flag_values=fv)
@@ -844,6 +882,8 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                      flag_values=fv)
   flags.DEFINE_string("compilation_cache_dir", "", "JAX persistent compilation cache ('' = off; "
                       "warm, it turns compile times into cache loads).", flag_values=fv)
+  flags.DEFINE_bool("fast_cpu_conv", False, "draem_jax's custom CPU conv weight gradient (conv.py); "
+                    "default XLA's native conv, as the project's configs.", flag_values=fv)
   flags.DEFINE_string("output", "benchmark.json", "Where to write the JSON report ('' = nowhere).",
                       flag_values=fv)
   flags.DEFINE_string("markdown_output", "", "Also write the Markdown report here.", flag_values=fv)
@@ -890,6 +930,8 @@ def run_from_flags(fv: flags.FlagValues = flags.FLAGS) -> dict[str, Any]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from draem_jax import writers  # pylint: disable=g-import-not-at-top
+  writers.quiet_library_logs()
   try:
     run_from_flags()
   except (ValueError, FileNotFoundError) as e:
