@@ -13,6 +13,7 @@ either whole or absent; an interrupted save never damages the previous one.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import jax
@@ -93,3 +94,35 @@ def abstract_like(tree: Any) -> Any:
   """Shape/dtype/sharding stand-ins of a tree of arrays, for restoring into the same layout."""
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+
+
+# Everything a run writes into its work directory (besides user data, which is never touched).
+RUN_ENTRIES = (CHECKPOINT_DIR, "config.json", "metrics.jsonl", "eval")
+
+
+def existing_run_entries(workdir: str) -> list[str]:
+  """The entries of ``RUN_ENTRIES`` present in ``workdir``."""
+  return [n for n in RUN_ENTRIES if os.path.exists(os.path.join(workdir, n))]
+
+
+def set_run_aside(workdir: str) -> tuple[list[str], str]:
+  """Renames a previous run's entries to ``<name>.replaced-<time>``: nothing is ever deleted.
+
+  Returns:
+    The renamed entry names and the time stamp used.
+  """
+  stamp = time.strftime("%Y%m%d-%H%M%S")
+  renamed = existing_run_entries(workdir)
+  for name in renamed:
+    path = os.path.join(workdir, name)
+    os.rename(path, f"{path}.replaced-{stamp}")
+  return renamed, stamp
+
+
+def write_config(workdir: str, config) -> None:
+  """Writes ``WORKDIR/config.json`` atomically (temporary file + rename)."""
+  os.makedirs(workdir, exist_ok=True)
+  tmp = os.path.join(workdir, "config.json.tmp")
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(config.to_json(indent=2, sort_keys=True))
+  os.replace(tmp, os.path.join(workdir, "config.json"))

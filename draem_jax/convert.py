@@ -36,7 +36,6 @@ import importlib.util
 import math
 import os
 import re
-import time
 from typing import Any, Mapping, NamedTuple
 
 from absl import app
@@ -357,8 +356,7 @@ def run_config(config: ml_collections.ConfigDict, variables: Mapping[str, Any], 
 
 def _existing_run(workdir: str, overwrite: bool) -> list[str]:
   """The entries of a previous run in ``workdir``; raises FileExistsError if any and not ``overwrite``."""
-  names = [checkpointing.CHECKPOINT_DIR, "config.json", "metrics.jsonl", "eval"]
-  existing = [n for n in names if os.path.exists(os.path.join(workdir, n))]
+  existing = checkpointing.existing_run_entries(workdir)
   if existing and not overwrite:
     raise FileExistsError(f"{workdir} already holds a run ({', '.join(existing)}); nothing was written. "
                           "Use another --workdir, or --overwrite to rename the old files aside.")
@@ -386,15 +384,9 @@ def write_run(workdir: str, variables: Mapping[str, Any], config: ml_collections
   workdir = os.path.abspath(workdir)
   existing = _existing_run(workdir, overwrite)
   if existing:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for name in existing:
-      os.rename(os.path.join(workdir, name), os.path.join(workdir, f"{name}.replaced-{stamp}"))
-    logging.warning("--overwrite: renamed %s in %s to *.replaced-%s", existing, workdir, stamp)
-  os.makedirs(workdir, exist_ok=True)
-  tmp = os.path.join(workdir, "config.json.tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(config.to_json(indent=2, sort_keys=True))
-  os.replace(tmp, os.path.join(workdir, "config.json"))
+    renamed, stamp = checkpointing.set_run_aside(workdir)
+    logging.warning("--overwrite: renamed %s in %s to *.replaced-%s", renamed, workdir, stamp)
+  checkpointing.write_config(workdir, config)
   with checkpointing.manager(workdir, keep=None, async_save=False) as mngr:
     checkpointing.save(mngr, step, dict(variables))
     mngr.wait_until_finished()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from typing import Any
 
 from absl import app
@@ -78,13 +77,9 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, total_steps
     return "fresh"
   if config.overwrite:
     if jax.process_index() == 0:
-      stamp = time.strftime("%Y%m%d-%H%M%S")
-      for name in (checkpointing.CHECKPOINT_DIR, "config.json", "metrics.jsonl", "eval"):
-        path = os.path.join(workdir, name)
-        if os.path.exists(path):
-          os.rename(path, f"{path}.replaced-{stamp}")
-      logging.warning("config.overwrite=True: the previous run in %s was renamed to *.replaced-%s",
-                      workdir, stamp)
+      renamed, stamp = checkpointing.set_run_aside(workdir)
+      logging.warning("config.overwrite=True: %s of the previous run in %s renamed to *.replaced-%s",
+                      renamed, workdir, stamp)
     _sync("overwrite")
     return "fresh"
   if os.path.exists(config_path):
@@ -118,11 +113,7 @@ def _sync(name: str) -> None:
 
 def write_config(config, workdir: str) -> None:
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    tmp = os.path.join(workdir, "config.json.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(config.to_json(indent=2, sort_keys=True))
-    os.replace(tmp, os.path.join(workdir, "config.json"))  # atomic
+    checkpointing.write_config(workdir, config)
 
 
 # ----------------------------------------------------------------------------------------------------

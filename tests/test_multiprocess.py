@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 WORKER = pathlib.Path(__file__).with_name("multiprocess_worker.py")
 REPO = WORKER.parent.parent
