@@ -108,10 +108,11 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: 
 
 
 def to_float_images(images: jax.Array) -> jax.Array:
-  """uint8 [0, 255] or float [0, 1] (N, H, W, 3) -> float32 [0, 1]; shipping uint8 saves bandwidth."""
-  if images.dtype == jnp.uint8:
-    return images.astype(jnp.float32) / 255.0
-  return images.astype(jnp.float32)
+  """uint8 [0, 255] or float [0, 1] (N, H, W, 3) -> float32 [0, 1]; shipping uint8 saves bandwidth.
+
+  The same exact conversion as the input pipeline's (``pipeline.to_unit_float_device``).
+  """
+  return pipeline.to_unit_float_device(images)
 
 
 def make_loss_grad_fn(model: nn.Module) -> Callable[..., Any]:

@@ -174,7 +174,10 @@ _UNIT_FLOAT_TABLE = np.arange(256, dtype=np.float32) / np.float32(255)
 
 
 @jax.jit
-def _to_unit_float_device(x: jax.Array) -> jax.Array:
+def to_unit_float_device(x: jax.Array) -> jax.Array:
+  """uint8 -> float32 in [0, 1] on the device, bit-identical to ``to_unit_float_host``; floats pass."""
+  if x.dtype != jnp.uint8:
+    return x.astype(jnp.float32)
   # Elementwise gather, so the output keeps the input's sharding.
   return jnp.asarray(_UNIT_FLOAT_TABLE)[x.astype(jnp.int32)]
 
@@ -196,7 +199,7 @@ def _make_train_batch(images: RowSource, batch_size: int, seed: int, rows: slice
   if sharding is None:
     return to_unit_float_host(local)
   global_shape = (batch_size,) + local.shape[1:]
-  return _to_unit_float_device(
+  return to_unit_float_device(
       jax.make_array_from_process_local_data(sharding, local, global_shape))
 
 
@@ -431,7 +434,7 @@ def _eval_batches(images, masks, labels, batch_size, rows, sharding):
       continue
     batch = parallel.to_global(batch, sharding)
     if image.dtype == np.uint8:  # ship uint8 and divide on device, as in training
-      batch["image"] = _to_unit_float_device(parallel.to_global(image, sharding))
+      batch["image"] = to_unit_float_device(parallel.to_global(image, sharding))
     else:
       batch["image"] = parallel.to_global(to_unit_float_host(image), sharding)
     yield batch
