@@ -6,27 +6,36 @@ A checkpoint holds two items so that evaluation and conversion need only the mod
 * ``train``: ``{"step", "opt_state", "key"}``: what training needs to resume exactly (the data
   position is a pure function of the step, so no iterator state is stored).
 
-Orbax writes each step into a temporary folder and renames it when complete, so a checkpoint on disk is
-either whole or absent; an interrupted save never damages the previous one.
+Orbax writes each step into a temporary folder and renames it when complete, so an interrupted save
+never damages the previous checkpoint. A checkpoint can still be damaged afterwards (a truncated copy of
+a work directory, a file deleted by hand, a clean-up of an old step killed half way): ``restore_intact``
+then sets it aside into ``WORKDIR/damaged_checkpoints/`` (renamed, never deleted) with a warning and uses
+the newest intact one.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
+from absl import logging
+from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
 CHECKPOINT_DIR = "checkpoints"
+DAMAGED_DIR = "damaged_checkpoints"
 
 
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+class NoCheckpointError(FileNotFoundError):
+  """No (intact) checkpoint to restore; the message names the folder."""
 
 
-def manager(workdir: str, *, keep: int | None = 3, async_save: bool = True,
+def checkpoint_dir(workdir) -> epath.Path:
+  return epath.Path(workdir) / CHECKPOINT_DIR
+
+
+def manager(workdir, *, keep: int | None = 3, async_save: bool = True,
             read_only: bool = False) -> ocp.CheckpointManager:
   """A CheckpointManager for ``WORKDIR/checkpoints``.
 
@@ -49,12 +58,18 @@ def manager(workdir: str, *, keep: int | None = 3, async_save: bool = True,
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=("model", "train"))
 
 
-def latest_step(workdir: str) -> int | None:
-  """The newest complete checkpoint step in ``workdir``, or None when there is none."""
-  if not os.path.isdir(checkpoint_dir(workdir)):
-    return None
+def all_steps(workdir) -> list[int]:
+  """Every checkpoint step on disk, oldest first (intact or not)."""
+  if not checkpoint_dir(workdir).is_dir():
+    return []
   with manager(workdir, read_only=True) as mngr:
-    return mngr.latest_step()
+    return sorted(int(s) for s in mngr.all_steps())
+
+
+def latest_step(workdir) -> int | None:
+  """The newest checkpoint step on disk, or None when there is none."""
+  steps = all_steps(workdir)
+  return steps[-1] if steps else None
 
 
 def save(mngr: ocp.CheckpointManager, step: int, model: Any, train: Any | None = None) -> bool:
@@ -85,44 +100,79 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_model: Any,
   return restored["model"], (restored["train"] if abstract_train is not None else None)
 
 
-def has_train_state(workdir: str, step: int) -> bool:
+def has_train_state(workdir, step: int) -> bool:
   """Whether checkpoint ``step`` holds the resumable train item (converted weights hold only a model)."""
-  return os.path.isdir(os.path.join(checkpoint_dir(workdir), str(step), "train"))
+  return (checkpoint_dir(workdir) / str(step) / "train").is_dir()
+
+
+def set_aside_damaged(workdir, step: int, reason: str) -> epath.Path:
+  """Moves checkpoint ``step`` to ``WORKDIR/damaged_checkpoints/<step>.<time>`` (process 0)."""
+  target = epath.Path(workdir) / DAMAGED_DIR / f"{step}.{time.strftime('%Y%m%d-%H%M%S')}"
+  if jax.process_index() == 0:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    (checkpoint_dir(workdir) / str(step)).rename(target)
+  logging.warning("checkpoint %s is damaged (%s); moved to %s, using the previous one.",
+                  checkpoint_dir(workdir) / str(step), reason, target)
+  return target
+
+
+def _one_line(e: BaseException) -> str:
+  text = " ".join(str(e).split())
+  return f"{type(e).__name__}: {text[:300]}"
+
+
+def restore_intact(workdir, abstract_model: Any, abstract_train: Any | None = None,
+                   step: int | None = None) -> tuple[int, Any, Any | None]:
+  """Restores the newest intact checkpoint (or exactly ``step``).
+
+  A checkpoint that fails to restore (missing or truncated files, empty or corrupt metadata, an empty
+  step folder) is set aside with a warning and the next older one is tried.
+
+  Args:
+    workdir: the run's work directory.
+    abstract_model: abstract tree (with shardings) of the model item.
+    abstract_train: the same for the train item, or None for model-only restores.
+    step: a specific checkpoint; then a damaged one raises instead of falling back.
+
+  Returns:
+    ``(step, model, train)``.
+
+  Raises:
+    NoCheckpointError: no checkpoint, or none intact; the message names the folder.
+  """
+  folder = checkpoint_dir(workdir)
+  steps = all_steps(workdir)
+  if not steps:
+    raise NoCheckpointError(
+        f"no checkpoint in {folder}: train the run first (or it was stopped before its first checkpoint).")
+  if step is not None:
+    if step not in steps:
+      raise NoCheckpointError(f"checkpoint step {step} not in {folder}; available: {steps}")
+    candidates = [step]
+  else:
+    candidates = steps[::-1]
+  damaged = []
+  for s in candidates:
+    if abstract_train is not None and not has_train_state(workdir, s) and (folder / str(s) / "model").is_dir():
+      raise NoCheckpointError(
+          f"{workdir} holds converted or model-only weights (checkpoint {s} has no optimizer state); "
+          "it can be evaluated but not trained further. Use another --workdir.")
+    try:
+      with manager(workdir, read_only=True) as mngr:
+        model, train = restore(mngr, s, abstract_model, abstract_train)
+      return s, model, train
+    except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many kinds)
+      if step is not None:
+        raise NoCheckpointError(f"checkpoint {folder / str(s)} cannot be restored ({_one_line(e)}).") from None
+      set_aside_damaged(workdir, s, _one_line(e))
+      damaged.append(s)
+  raise NoCheckpointError(
+      f"no intact checkpoint in {folder}: steps {damaged} are damaged (moved to "
+      f"{epath.Path(workdir) / DAMAGED_DIR}). Start again with another --workdir or "
+      "--config.overwrite=True.")
 
 
 def abstract_like(tree: Any) -> Any:
   """Shape/dtype/sharding stand-ins of a tree of arrays, for restoring into the same layout."""
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
-
-
-# Everything a run writes into its work directory (besides user data, which is never touched).
-RUN_ENTRIES = (CHECKPOINT_DIR, "config.json", "metrics.jsonl", "eval")
-
-
-def existing_run_entries(workdir: str) -> list[str]:
-  """The entries of ``RUN_ENTRIES`` present in ``workdir``."""
-  return [n for n in RUN_ENTRIES if os.path.exists(os.path.join(workdir, n))]
-
-
-def set_run_aside(workdir: str) -> tuple[list[str], str]:
-  """Renames a previous run's entries to ``<name>.replaced-<time>``: nothing is ever deleted.
-
-  Returns:
-    The renamed entry names and the time stamp used.
-  """
-  stamp = time.strftime("%Y%m%d-%H%M%S")
-  renamed = existing_run_entries(workdir)
-  for name in renamed:
-    path = os.path.join(workdir, name)
-    os.rename(path, f"{path}.replaced-{stamp}")
-  return renamed, stamp
-
-
-def write_config(workdir: str, config) -> None:
-  """Writes ``WORKDIR/config.json`` atomically (temporary file + rename)."""
-  os.makedirs(workdir, exist_ok=True)
-  tmp = os.path.join(workdir, "config.json.tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(config.to_json(indent=2, sort_keys=True))
-  os.replace(tmp, os.path.join(workdir, "config.json"))

@@ -32,7 +32,6 @@ which renames the previous files aside (``*.replaced-<time>``) rather than delet
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import re
@@ -49,6 +48,8 @@ import numpy as np
 
 from draem_jax import checkpointing
 from draem_jax import models
+from draem_jax import recipes
+from draem_jax import rundir
 from draem_jax import torch_pickle
 
 FLAGS = flags.FLAGS
@@ -329,15 +330,8 @@ def category_from_filename(path: str) -> str | None:
 
 
 def default_config(category: str) -> ml_collections.ConfigDict:
-  """``configs/mvtec.py:<category>`` of this checkout (loaded by path, as config files are)."""
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "mvtec.py")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} not found (installed package without configs/): pass "
-                            "--config=PATH/TO/configs/mvtec.py:<category>")
-  spec = importlib.util.spec_from_file_location("draem_configs_mvtec", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(category)
+  """The recipe of ``configs/mvtec.py:<category>`` (``recipes.mvtec``)."""
+  return recipes.mvtec(category)
 
 
 def run_config(config: ml_collections.ConfigDict, variables: Mapping[str, Any], *, channel_order: str,
@@ -356,7 +350,7 @@ def run_config(config: ml_collections.ConfigDict, variables: Mapping[str, Any], 
 
 def _existing_run(workdir: str, overwrite: bool) -> list[str]:
   """The entries of a previous run in ``workdir``; raises FileExistsError if any and not ``overwrite``."""
-  existing = checkpointing.existing_run_entries(workdir)
+  existing = rundir.existing_run_entries(workdir)
   if existing and not overwrite:
     raise FileExistsError(f"{workdir} already holds a run ({', '.join(existing)}); nothing was written. "
                           "Use another --workdir, or --overwrite to rename the old files aside.")
@@ -384,9 +378,9 @@ def write_run(workdir: str, variables: Mapping[str, Any], config: ml_collections
   workdir = os.path.abspath(workdir)
   existing = _existing_run(workdir, overwrite)
   if existing:
-    renamed, stamp = checkpointing.set_run_aside(workdir)
+    renamed, stamp = rundir.set_run_aside(workdir)
     logging.warning("--overwrite: renamed %s in %s to *.replaced-%s", renamed, workdir, stamp)
-  checkpointing.write_config(workdir, config)
+  rundir.write_config(workdir, config)
   with checkpointing.manager(workdir, keep=None, async_save=False) as mngr:
     checkpointing.save(mngr, step, dict(variables))
     mngr.wait_until_finished()

@@ -1,0 +1,199 @@
+"""The training recipes as config values, and the check every config passes before a run starts.
+
+``configs/*.py`` (the files given to ``--config``) build on these functions; library code never loads a
+config file by path. A recorded config (``WORKDIR/config.json``) holds values, not names: the synthesis
+knobs and the learning-rate decay points are spelled out, so a run says what it did.
+
+* ``mvtec(category, variants)``: the original code's recipe for one MVTec AD category (256x256, batch 8,
+  Adam 1e-4, 700 epochs, lr x0.2 at 80 % and 90 % of the epochs, widths 128 / 64); variant ``paper``
+  changes what the paper states differently (DRAEM paper, Sec. 3.2 and 4.1).
+* ``demo()``: the embedded procedural fabric at 64x64 with small networks, minutes on a CPU.
+* ``tiny()``: the demo at 32x32 with 4-channel networks and 8 steps, for the test suite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import ml_collections
+
+from draem_jax import synthesis
+
+# Fields that may change between invocations of one run without changing what is trained: how often it
+# logs and saves, when this invocation stops, how it is evaluated, and where data is read from (data may
+# move). Every other field is compared on resume (deny by default).
+BOOKKEEPING_FIELDS = (
+    "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "overwrite", "stop_after_steps",
+    "data_dir", "tfds_data_dir", "anomaly_source_path", "eval", "validation.every_steps",
+    "threshold",
+)
+
+DATASETS = ("folder", "tfds", "demo")
+DTYPES = ("float32", "bfloat16")
+
+
+def synthesis_values(config: synthesis.SynthesisConfig) -> ml_collections.ConfigDict:
+  """The fields of a SynthesisConfig as a ConfigDict (recorded with the run)."""
+  values = dataclasses.asdict(config)
+  values["texture_weight_range"] = tuple(values["texture_weight_range"])
+  return ml_collections.ConfigDict(values)
+
+
+def synthesis_config(config) -> synthesis.SynthesisConfig:
+  """The SynthesisConfig that ``config.synthesis`` records."""
+  values = dict(config.synthesis)
+  known = {f.name for f in dataclasses.fields(synthesis.SynthesisConfig)}
+  unknown = sorted(set(values) - known)
+  if unknown:
+    raise ValueError(f"config.synthesis.{unknown[0]}: unknown field; known: {sorted(known)}")
+  return synthesis.SynthesisConfig(**values)
+
+
+def mvtec(category: str = "bottle", variants: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+  """The original code's recipe for one MVTec AD category; ``variants`` may hold "paper"."""
+  unknown = set(variants) - {"paper"}
+  if unknown:
+    raise ValueError(f"unknown config variant(s) {sorted(unknown)}; known: paper")
+  paper = "paper" in variants
+
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # Data.
+  c.dataset = "folder"            # "folder": MVTec layout on disk; "tfds": the mvtec_ad builder; "demo"
+  c.data_dir = "data/mvtec_anomaly_detection"  # folder root, or tfds manual dir when dataset="tfds"
+  c.tfds_data_dir = ""            # where tfds keeps prepared datasets ("" = tfds default)
+  c.category = category
+  c.image_size = 256
+  c.anomaly_source_path = ""      # folder of textures (DTD: dtd/images); "" = procedural fallback
+  c.max_sources = 0               # 0 = all; otherwise a deterministic subsample (memory)
+  c.mask_rule = "reference"       # eval mask resize: "reference" (bilinear, ==255) or "nearest"
+  c.channel_order = "rgb"         # "bgr" for weights trained on OpenCV images (released checkpoints)
+
+  # Anomaly synthesis: every knob of synthesis.SynthesisConfig, recorded with the run.
+  c.synthesis = synthesis_values(
+      synthesis.SynthesisConfig.paper() if paper else synthesis.SynthesisConfig.original())
+
+  # Model.
+  c.model = ml_collections.ConfigDict()
+  c.model.recon_width = 128
+  c.model.disc_width = 64
+  c.model.dtype = "float32"       # "bfloat16": bf16 compute, f32 params
+
+  # Optimisation: Adam on both networks; lr x lr_decay_factor at each fraction of num_epochs (rounded
+  # up to a whole epoch). original: x0.2 at 80 % and 90 %; paper: x0.1 at epochs 400 and 600 of 700.
+  c.batch_size = 8                # global, over all devices of all processes
+  c.num_epochs = 700
+  c.learning_rate = 1e-4
+  c.lr_decay_fractions = (4 / 7, 6 / 7) if paper else (0.8, 0.9)
+  c.lr_decay_factor = 0.1 if paper else 0.2
+
+  # Bookkeeping (may change between invocations of one run).
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.overwrite = False             # True: set a previous run aside (renamed, never deleted) and retrain
+  c.stop_after_steps = 0          # >0: checkpoint and stop after this many steps of this invocation
+
+  # Evaluation.
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 8
+  c.eval.num_visualizations = 16
+  c.eval.score_filter_size = 21
+  c.eval.aupro_fpr_limit = 0.3
+  return c
+
+
+def demo() -> ml_collections.ConfigDict:
+  """The embedded procedural fabric category (generated under ``<workdir>/demo_data`` on first use)."""
+  c = mvtec("demo_fabric")
+  c.dataset = "demo"
+  c.data_dir = ""                  # "" = <workdir>/demo_data
+  c.image_size = 64
+  c.model.recon_width = 16
+  c.model.disc_width = 16
+  c.batch_size = 8
+  c.num_epochs = 40
+  c.learning_rate = 1e-3
+  c.log_every_steps = 20
+  c.checkpoint_every_steps = 100
+  c.eval.num_visualizations = 8
+  return c
+
+
+def tiny() -> ml_collections.ConfigDict:
+  """The demo at 32x32 with 4-channel networks: 64 images, batch 16, 2 epochs = 8 steps (tests)."""
+  c = demo()
+  c.image_size = 32
+  c.model.recon_width = 4
+  c.model.disc_width = 4
+  c.batch_size = 16
+  c.num_epochs = 2
+  c.log_every_steps = 2
+  c.checkpoint_every_steps = 4
+  c.eval.batch_size = 16
+  c.eval.num_visualizations = 2
+  return c
+
+
+def from_argument(arg: str | None, default_category: str = "bottle") -> ml_collections.ConfigDict:
+  """``configs/mvtec.py:ARG``: ``CATEGORY[,VARIANT...]``."""
+  parts = [p for p in (arg or default_category).split(",") if p]
+  return mvtec(parts[0], tuple(parts[1:]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation: one line naming the field, before anything is loaded or written.
+# ----------------------------------------------------------------------------------------------------
+
+def _positive_int(config, name: str, value, allow_zero: bool = False) -> None:
+  ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+  if not ok:
+    bound = ">= 0" if allow_zero else "> 0"
+    raise ValueError(f"config.{name}={value!r} must be an integer {bound}.")
+
+
+def validate(config) -> None:
+  """Raises ValueError naming the first bad field of a training config."""
+  for name in ("num_epochs", "batch_size", "log_every_steps", "checkpoint_every_steps",
+               "model.recon_width", "model.disc_width", "eval.batch_size", "eval.score_filter_size"):
+    value = config
+    for part in name.split("."):
+      value = value[part]
+    _positive_int(config, name, value)
+  for name in ("stop_after_steps", "max_sources", "seed", "eval.num_visualizations"):
+    value = config
+    for part in name.split("."):
+      value = value[part]
+    _positive_int(config, name, value, allow_zero=True)
+  if config.keep_checkpoints is not None:
+    _positive_int(config, "keep_checkpoints", config.keep_checkpoints)
+  lr = config.learning_rate
+  if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+    raise ValueError(f"config.learning_rate={lr!r} must be a finite number > 0 (the recipe: 1e-4).")
+  fractions = tuple(config.lr_decay_fractions)
+  if any(not 0 < f <= 1 for f in fractions) or list(fractions) != sorted(fractions):
+    raise ValueError(f"config.lr_decay_fractions={fractions!r} must be increasing fractions in (0, 1].")
+  if not 0 < config.lr_decay_factor <= 1:
+    raise ValueError(f"config.lr_decay_factor={config.lr_decay_factor!r} must be in (0, 1].")
+  if config.dataset not in DATASETS:
+    raise ValueError(f"config.dataset={config.dataset!r}: use one of {DATASETS}.")
+  if not config.category or os.sep in config.category or config.category in (".", ".."):
+    raise ValueError(f"config.category={config.category!r} must be a category folder name, e.g. bottle.")
+  if config.image_size < 32 or config.image_size % 32:
+    raise ValueError(f"config.image_size={config.image_size} must be a positive multiple of 32 "
+                     "(the discriminative U-Net pools five times).")
+  if config.model.dtype not in DTYPES:
+    raise ValueError(f"config.model.dtype={config.model.dtype!r}: use one of {DTYPES}.")
+  if config.channel_order not in ("rgb", "bgr"):
+    raise ValueError(f"config.channel_order={config.channel_order!r}: use 'rgb' or 'bgr'.")
+  if config.mask_rule not in ("reference", "nearest"):
+    raise ValueError(f"config.mask_rule={config.mask_rule!r}: use 'reference' or 'nearest'.")
+  if not 0 < config.eval.aupro_fpr_limit <= 1:
+    raise ValueError(f"config.eval.aupro_fpr_limit={config.eval.aupro_fpr_limit!r} must be in (0, 1].")
+  try:
+    synthesis_config(config)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"config.synthesis: {e}") from None
