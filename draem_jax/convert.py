@@ -1,6 +1,6 @@
 r"""Imports PyTorch DRAEM weights (the official release or anomalib) into a draem_jax run directory.
 
-Official checkpoints (two files per category, REFERENCE.md 5):
+Official checkpoints (two files per category, linked from the README of VitjanZ/DRAEM):
 
   python -m draem_jax.convert --workdir=workdirs/released/bottle \
       --reconstructive=DRAEM_seg_large_ae_large_0.0001_800_bs8_bottle_.pckl \
@@ -41,13 +41,13 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
-import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
 from draem_jax import checkpointing
 from draem_jax import models
+from draem_jax import published
 from draem_jax import recipes
 from draem_jax import rundir
 from draem_jax import torch_pickle
@@ -73,15 +73,8 @@ def define_flags() -> None:
   flags.mark_flags_as_required(["workdir"])
 
 
-# MVTec AD training images per category (MVTec AD paper, Table 1); with batch 8 and drop_last=False the
-# original trainer makes ceil(N / 8) steps per epoch.
-MVTEC_TRAIN_IMAGES = {
-    "bottle": 209, "cable": 224, "capsule": 219, "carpet": 280, "grid": 264, "hazelnut": 391,
-    "leather": 245, "metal_nut": 220, "pill": 267, "screw": 320, "tile": 230, "toothbrush": 60,
-    "transistor": 213, "wood": 247, "zipper": 240,
-}
 RELEASED_EPOCHS = 800  # file names DRAEM_seg_large_ae_large_0.0001_800_bs8_<category>_.pckl
-RELEASED_BATCH_SIZE = 8
+RELEASED_BATCH_SIZE = 8  # the original trainer makes ceil(N / 8) steps per epoch (drop_last=False)
 
 ANOMALIB_PREFIXES = {"reconstructive": "reconstructive_subnetwork.",
                      "discriminative": "discriminative_subnetwork."}
@@ -114,10 +107,8 @@ def flax_path_to_torch_key(path: tuple[str, ...]) -> str:
 
 def abstract_variables(recon_width: int, disc_width: int) -> dict[str, Any]:
   """Shapes/dtypes of ``DRAEM(recon_width, disc_width)``'s ``{'params', 'batch_stats'}`` (no compute)."""
-  model = models.DRAEM(recon_width=recon_width, disc_width=disc_width)
   # Variable shapes do not depend on the image size; 32x32 is the smallest valid input.
-  return dict(jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3), jnp.float32), train=False)))
+  return rundir.abstract_variables(models.DRAEM(recon_width=recon_width, disc_width=disc_width), 32)
 
 
 def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
@@ -276,7 +267,7 @@ def anomalib_state_dict_to_variables(sd: Mapping[str, np.ndarray], *, recon_widt
                                      source: str = "anomalib state dict") -> dict[str, Any]:
   """Converts an anomalib DRAEM state dict into ``DRAEM`` variables (original [recon, image] order).
 
-  anomalib feeds its discriminator [image, reconstruction] (REFERENCE.md 8), so input channels 0:3 and
+  anomalib feeds its discriminator [image, reconstruction] (docs/paper_vs_code.md), so input channels 0:3 and
   3:6 of ``encoder_segment.block1.0.weight`` are swapped; ``DRAEM`` (disc_input_order "recon_image")
   then computes the same function. Keys outside ``model.`` are ignored (logged).
 
@@ -315,7 +306,7 @@ def anomalib_state_dict_to_variables(sd: Mapping[str, np.ndarray], *, recon_widt
 
 def released_step(category: str) -> int:
   """Optimizer steps behind the released weights of an MVTec category (800 epochs, batch 8), else 0."""
-  n = MVTEC_TRAIN_IMAGES.get(category)
+  n = published.TRAIN_IMAGES.get(category)
   return 0 if n is None else RELEASED_EPOCHS * math.ceil(n / RELEASED_BATCH_SIZE)
 
 
@@ -323,7 +314,7 @@ def category_from_filename(path: str) -> str | None:
   """The MVTec category named in a checkpoint file name (e.g. ``..._bs8_bottle_.pckl``), or None."""
   name = os.path.basename(path)
   # Longest first, and delimited, so that e.g. "metal_nut" is not read as something shorter.
-  for category in sorted(MVTEC_TRAIN_IMAGES, key=len, reverse=True):
+  for category in sorted(published.CATEGORIES, key=len, reverse=True):
     if re.search(rf"(^|[^a-z]){category}([^a-z]|$)", name):
       return category
   return None

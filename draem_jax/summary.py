@@ -1,35 +1,36 @@
 r"""Summary table of many per-category runs, beside the paper's numbers.
 
-  python -m draem_jax.summary --root=workdirs/mvtec
+  python -m draem_jax.summary --root=workdirs/mvtec [--overwrite]
 
 Reads ``<root>/<category>/eval/metrics.json`` for every category folder that has one and prints (and writes
 to ``<root>/summary.md``) image AUROC, pixel AUROC, pixel AP and AUPRO per category with the paper's values
-(REFERENCE.md 7.1) and the means over the categories found.
+(``published.PAPER``: DRAEM paper, Tables 1 and 2) and the means over the categories found. An existing
+``summary.md`` is replaced only with ``--overwrite``. ``root`` may be a local folder or a ``gs://`` URL.
 """
 
 from __future__ import annotations
-
-import json
-import os
 
 from absl import app
 from absl import flags
 
 from draem_jax import published
+from draem_jax import rundir
 
 FLAGS = flags.FLAGS
 
+SUMMARY_FILE = "summary.md"
 
-def collect(root: str) -> dict[str, dict]:
+
+def collect(root) -> dict[str, dict]:
   """``{category: metrics}`` of every ``<root>/<category>/eval/metrics.json``, sorted by category."""
-  if not os.path.isdir(root):
+  base = rundir.path(root)
+  if not base.is_dir():
     raise FileNotFoundError(f"--root={root} is not a folder of per-category work directories.")
   found = {}
-  for name in sorted(os.listdir(root)):
-    path = os.path.join(root, name, "eval", "metrics.json")
-    if os.path.isfile(path):
-      with open(path, encoding="utf-8") as f:
-        found[name] = json.load(f)
+  for entry in sorted(base.iterdir(), key=lambda p: p.name):
+    file = entry / "eval" / "metrics.json"
+    if file.is_file():
+      found[entry.name] = rundir.read_json(file)
   return found
 
 
@@ -61,27 +62,60 @@ def table(results: dict[str, dict]) -> str:
     lines.append(f"| **mean ({len(results)})** | {pct(mean['image_auroc'])} | {ref(pmean[0])} | "
                  f"{pct(mean['pixel_auroc'])} | {ref(pmean[1])} | {pct(mean['pixel_ap'])} | {ref(pmean[2])} "
                  f"| {pct(mean['aupro'])} |")
-  if set(results) >= set(published.PAPER):
+  if set(results) >= set(published.CATEGORIES):
     lines += ["", "Paper means over the 15 MVTec AD categories: %.1f / %.1f / %.1f; released checkpoints: "
               "%.1f / %.1f / %.1f." % (*published.PAPER_MEAN, *published.RELEASED_CHECKPOINTS_MEAN)]
   return "\n".join(lines) + "\n"
 
 
-def main(argv):
-  del argv
-  try:
-    results = collect(FLAGS.root)
-  except FileNotFoundError as e:
-    raise SystemExit(f"error: {e}") from None
+def write_summary(root, text: str, *, overwrite: bool = False) -> str:
+  """Writes ``<root>/summary.md`` (through a temporary file); refuses to replace one unless ``overwrite``.
+
+  Returns:
+    The path written.
+
+  Raises:
+    FileExistsError: the file exists and ``overwrite`` is False.
+  """
+  file = rundir.path(root) / SUMMARY_FILE
+  if file.exists() and not overwrite:
+    raise FileExistsError(f"{file} exists; pass --overwrite to replace it.")
+  tmp = file.parent / f".{file.name}.tmp"
+  tmp.write_text(text)
+  tmp.rename(file) if "://" in str(file) else tmp.replace(file)
+  return str(file)
+
+
+def summarize(root, *, overwrite: bool = False) -> str:
+  """Collects the runs under ``root``, writes ``<root>/summary.md`` and returns the table.
+
+  Raises:
+    FileNotFoundError: ``root`` is not a folder or holds no evaluated run.
+    FileExistsError: ``summary.md`` exists and ``overwrite`` is False (checked before anything is read).
+  """
+  file = rundir.path(root) / SUMMARY_FILE
+  if file.exists() and not overwrite:
+    raise FileExistsError(f"{file} exists; pass --overwrite to replace it.")
+  results = collect(root)
   if not results:
-    raise SystemExit(f"error: no <category>/eval/metrics.json under {FLAGS.root}; evaluate runs first.")
+    raise FileNotFoundError(f"no <category>/eval/metrics.json under {root}; evaluate runs first.")
   text = table(results)
-  with open(os.path.join(FLAGS.root, "summary.md"), "w", encoding="utf-8") as f:
-    f.write(text)
+  write_summary(root, text, overwrite=overwrite)
+  return text
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  try:
+    text = summarize(FLAGS.root, overwrite=FLAGS.overwrite)
+  except (FileNotFoundError, FileExistsError, ValueError) as e:
+    raise SystemExit(f"error: {e}") from None
   print(text)
 
 
 if __name__ == "__main__":
-  flags.DEFINE_string("root", None, "Folder holding one work directory per category.")
+  flags.DEFINE_string("root", None, "Folder holding one work directory per category (local or gs://).")
+  flags.DEFINE_bool("overwrite", False, "Replace an existing <root>/summary.md.")
   flags.mark_flags_as_required(["root"])
   app.run(main)

@@ -2,14 +2,15 @@
 # Train one category on a multi-host TPU slice: every worker runs the same command with --multihost
 # (jax.distributed.initialize() detects the slice), on one shared work directory.
 #
-#   launch/tpu_pod.sh TPU_NAME ZONE CATEGORY SHARED_WORKDIR DATA_DIR DTD_IMAGES
+#   launch/tpu_pod.sh TPU_NAME ZONE CATEGORY WORKDIR DATA_DIR DTD_IMAGES [--config.* overrides...]
 #
-# SHARED_WORKDIR, DATA_DIR and DTD_IMAGES must be the same path on every worker: an NFS / Filestore mount
-# (work directories on gs:// buckets are not supported yet). The global batch is split over all chips of
-# all hosts; keep it a multiple of the chip count (e.g. --config.batch_size=32 on a v4-32's 16 chips, with
-# the learning rate scaled as you see fit).
+# WORKDIR may be a gs:// bucket path (config, checkpoints, metrics and the report go through etils.epath)
+# or a mount shared by all workers. DATA_DIR and DTD_IMAGES are read with ordinary file access: the same
+# local or NFS / Filestore path on every worker. The global batch is split over all chips of all hosts;
+# keep it a multiple of the chip count (e.g. --config.batch_size=32 on a v4-32's 16 chips, with the
+# learning rate scaled as you see fit).
 set -euo pipefail
-if [ $# -lt 6 ]; then sed -n '2,10p' "$0"; exit 2; fi
+if [ $# -lt 6 ]; then sed -n '2,11p' "$0"; exit 2; fi
 TPU=$1; ZONE=$2; CAT=$3; WORKDIR=$4; DATA=$5; DTD=$6; shift 6
 # 1) Install on every worker (once).
 gcloud compute tpus tpu-vm ssh "$TPU" --zone="$ZONE" --worker=all --command \

@@ -265,3 +265,29 @@ def test_resize_mask_accepts_bool():
   src = blob(30, 20)
   np.testing.assert_array_equal(image_io.resize_mask(src > 0, (12, 9)),
                                 image_io.resize_mask(src, (12, 9)))
+
+
+def test_parallel_map_keeps_order_uses_threads_and_raises():
+  import threading
+  import time
+
+  seen = set()
+
+  def slow_square(x):
+    seen.add(threading.get_ident())
+    time.sleep(0.01)
+    return x * x
+
+  assert image_io.parallel_map(slow_square, range(16), num_workers=4) == [x * x for x in range(16)]
+  assert len(seen) > 1  # really on a pool
+  seen.clear()
+  assert image_io.parallel_map(slow_square, [3, 4], num_workers=1) == [9, 16]
+  assert seen == {threading.get_ident()}  # one worker runs inline
+
+  def fail_on_five(x):
+    if x == 5:
+      raise ValueError("item 5 is bad")
+    return x
+
+  with pytest.raises(ValueError, match="item 5 is bad"):
+    image_io.parallel_map(fail_on_five, range(10), num_workers=3)

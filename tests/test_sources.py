@@ -107,13 +107,6 @@ def test_tfds_source_not_prepared(tmp_path):
     sources.load_tfds_sources("dtd", (8, 8), data_dir=tmp_path)
 
 
-def test_tfds_prefix_dispatch(monkeypatch):
-  calls = []
-  monkeypatch.setattr(sources, "load_tfds_sources", lambda *a, **k: calls.append((a, k)))
-  sources.load_sources("tfds:dtd", (8, 8), max_sources=5, seed=2)
-  assert calls == [(("dtd", (8, 8)), {"max_sources": 5, "seed": 2, "num_workers": None})]
-
-
 def test_procedural_sources(caplog):
   with caplog.at_level(logging.WARNING):
     pool = sources.procedural_sources(8, (32, 48), seed=3)

@@ -1,6 +1,6 @@
 """Any dataset folder in the MVTec AD layout -> uint8 image arrays, bool masks and labels (host, NumPy).
 
-Layout (REFERENCE.md 6)::
+Layout (docs/evaluation.md; the original reads it in VitjanZ/DRAEM data_loader.py L14 and L51-54)::
 
   <root>/<category>/train/good/*.png                             defect-free training images
   <root>/<category>/test/<good|defect_type>/*.png                test images
@@ -17,10 +17,9 @@ largest MVTec training set (hazelnut, 391 images) at 256 x 256 is 77 MB.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from absl import logging
@@ -189,15 +188,6 @@ def scan_category(root: str | os.PathLike, category: str) -> CategoryFiles:
                        test_masks=masks)
 
 
-def _parallel_map(fn: Callable, items: Sequence, num_workers: int | None) -> list:
-  """Ordered map over a thread pool; PIL decoding and large NumPy ops release the GIL."""
-  workers = num_workers or min(8, os.cpu_count() or 1)
-  if workers <= 1 or len(items) <= 1:
-    return [fn(x) for x in items]
-  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    return list(pool.map(fn, items))
-
-
 def _select(items: Sequence, indices: Sequence[int] | np.ndarray | None) -> list:
   if indices is None:
     return list(items)
@@ -218,7 +208,7 @@ def load_images(paths: Sequence[str | os.PathLike], size: tuple[int, int],
     paths: image files.
     size: output (height, width).
     indices: which entries of ``paths`` to load, in that order; None = all.
-    num_workers: threads; default min(8, cpu count).
+    num_workers: threads; default ``image_io.default_num_workers()``.
 
   Returns:
     uint8 (len(indices), H, W, 3), RGB, resized with OpenCV-exact bilinear interpolation.
@@ -230,7 +220,7 @@ def load_images(paths: Sequence[str | os.PathLike], size: tuple[int, int],
   def one(i: int) -> None:
     out[i] = image_io.resize_bilinear(image_io.load_rgb(chosen[i]), (h, w))
 
-  _parallel_map(one, range(len(chosen)), num_workers)
+  image_io.parallel_map(one, range(len(chosen)), num_workers)
   return out
 
 
@@ -250,7 +240,7 @@ def load_masks(mask_paths: Sequence[str | os.PathLike | None], size: tuple[int, 
     if chosen[i] is not None:
       out[i] = image_io.load_mask(chosen[i], size, rule)
 
-  _parallel_map(one, range(len(chosen)), num_workers)
+  image_io.parallel_map(one, range(len(chosen)), num_workers)
   return out
 
 

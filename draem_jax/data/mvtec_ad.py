@@ -29,7 +29,6 @@ a hashed-key order, not the folder order: sort or key by ``filename``.
 
 from __future__ import annotations
 
-import concurrent.futures
 import io
 import os
 import re
@@ -40,10 +39,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from draem_jax import published
 from draem_jax.data import folder, image_io
 
-CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
-              "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper")
+CATEGORIES = published.CATEGORIES
 
 TARBALL = "mvtec_anomaly_detection.tar.xz"
 
@@ -133,11 +132,9 @@ class MvtecAd(tfds.core.GeneratorBasedBuilder):
       items = list(zip(files.test, files.test_types, files.test_masks))
     # Decoding/encoding dominates; threads overlap it (PIL releases the GIL). Chunks bound the
     # memory held by encoded examples that the writer has not consumed yet.
-    workers = min(8, os.cpu_count() or 1)
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-      for start in range(0, len(items), 8 * workers):
-        chunk = items[start:start + 8 * workers]
-        yield from pool.map(lambda it: _example(files, *it), chunk)
+    chunk = 8 * image_io.default_num_workers()
+    for start in range(0, len(items), chunk):
+      yield from image_io.parallel_map(lambda it: _example(files, *it), items[start:start + chunk])
 
 
 def _encode_png(array: np.ndarray) -> bytes:
@@ -296,9 +293,7 @@ def load_category_from_tfds(category: str, *, data_dir: str | os.PathLike | None
     masks[i] = image_io.resize_mask(ex["mask"][..., 0], (h, w), mask_rule)
     meta[i] = (_text(ex["filename"]), _text(ex["defect_type"]), int(ex["label"]))
 
-  workers = num_workers or min(8, os.cpu_count() or 1)
-  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    list(pool.map(one, range(n)))
+  image_io.parallel_map(one, range(n), num_workers)
   order = sorted(range(n), key=lambda i: meta[i][0])
   filenames = [meta[i][0] for i in order]
   return folder.CategoryData(

@@ -1,9 +1,10 @@
-"""Anomaly-source textures for DRAEM's anomaly simulation (REFERENCE.md 3.5): folder, tfds, procedural.
+"""Anomaly-source textures (docs/anomaly_simulation.md): from a folder, from tfds, or procedural.
 
 The reference draws, per training sample, one DTD image (``<dtd>/images/*/*.jpg``, 47 classes, 5,640
 files) uniformly with replacement, reads it with ``cv2.imread`` and resizes it to 256 x 256 with
-INTER_LINEAR. Here the whole pool is decoded and resized once into one uint8 array, from which the
-input pipeline samples by index.
+INTER_LINEAR (VitjanZ/DRAEM data_loader.py L78, L111-112, L161). Here the whole pool is decoded and
+resized once into one uint8 array, which training puts on every device; the on-device synthesis picks
+one texture per example by index.
 
 Memory: S * H * W * 3 bytes. All 5,640 DTD images at 256 x 256 take 1.11 GB (5640 * 196,608 bytes);
 ``max_sources`` caps this (e.g. 1,000 -> 197 MB), at the price of a smaller texture pool than the
@@ -105,11 +106,11 @@ def load_tfds_sources(name: str, image_size: tuple[int, int], *, split: str = "a
   Returns:
     uint8 (S, H, W, 3), RGB, ordered by the dataset's record order (then subsampled).
   """
-  import concurrent.futures  # pylint: disable=g-import-not-at-top
   try:
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    # Imported here: tensorflow-datasets is needed only for tfds sources.
+    import tensorflow_datasets as tfds
     b = tfds.builder(name, data_dir=None if data_dir is None else os.fspath(data_dir))
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:  # Any failure to open the dataset becomes the user's one-line error.
     raise ValueError(f"cannot open tfds dataset {name!r}: {e}") from e
   if not b.is_prepared():
     raise FileNotFoundError(
@@ -120,7 +121,7 @@ def load_tfds_sources(name: str, image_size: tuple[int, int], *, split: str = "a
     split = "+".join(sorted(b.info.splits))
   try:
     source = b.as_data_source(split=split)
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:  # As above.
     raise ValueError(
         f"tfds dataset {name!r} in {b.data_dir} cannot be read without TensorFlow ({e}); prepare "
         "it with --file_format=array_record.") from e
@@ -134,9 +135,7 @@ def load_tfds_sources(name: str, image_size: tuple[int, int], *, split: str = "a
       img = np.repeat(img.reshape(img.shape[:2] + (1,)), 3, axis=2)
     out[i] = image_io.resize_bilinear(img[..., :3], (h, w))
 
-  workers = num_workers or min(8, os.cpu_count() or 1)
-  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    list(pool.map(one, range(len(keep))))
+  image_io.parallel_map(one, range(len(keep)), num_workers)
   return out
 
 
