@@ -27,7 +27,7 @@ from draem_jax import synthesis
 BOOKKEEPING_FIELDS = (
     "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "overwrite", "stop_after_steps",
     "data_dir", "tfds_data_dir", "anomaly_source_path", "eval", "validation.every_steps",
-    "threshold",
+    "threshold", "validation.select", "predict",
 )
 
 DATASETS = ("folder", "tfds", "demo")
@@ -96,6 +96,24 @@ def mvtec(category: str = "bottle", variants: tuple[str, ...] = ()) -> ml_collec
   c.keep_checkpoints = 3
   c.overwrite = False             # True: set a previous run aside (renamed, never deleted) and retrain
   c.stop_after_steps = 0          # >0: checkpoint and stop after this many steps of this invocation
+
+  # Validation on held-out good images (never trained on) with fixed synthetic anomalies; model
+  # selection; normal-only thresholds; inference on images larger than the model.
+  c.validation = ml_collections.ConfigDict()
+  c.validation.fraction = 0.1     # share of train/good held out (at least 1 image); 0 = none
+  c.validation.num_synthetic = 4  # synthetic anomalies per held-out image
+  c.validation.every_steps = 1000  # also at every checkpoint and at the end
+  c.validation.select = "last"    # "last" (as the original) or "best" (best synthetic pixel AP)
+  c.threshold = ml_collections.ConfigDict()
+  c.threshold.image_fpr = 0.05    # target share of good images flagged (see draem_jax/thresholds.py)
+  c.threshold.pixel_fpr = 0.005   # target share of good pixels in defect regions
+  c.predict = ml_collections.ConfigDict()
+  c.predict.tile = False          # True: overlapping model-size tiles instead of resizing the image
+  c.predict.tile_scale = 1.0      # rescale factor before tiling (1 = the image's own resolution)
+  c.predict.tile_overlap = 0.25   # minimum overlap of neighbouring tiles (fraction of a tile)
+  c.predict.min_region_area = 16  # defect regions smaller than this (original-image pixels) are dropped
+  c.train_crop = False            # True: random image_size crops of images loaded at load_size
+  c.load_size = 0                 # with train_crop: size images are loaded at (>= image_size)
 
   # Evaluation.
   c.eval = ml_collections.ConfigDict()
@@ -197,3 +215,49 @@ def validate(config) -> None:
     synthesis_config(config)
   except (TypeError, ValueError) as e:
     raise ValueError(f"config.synthesis: {e}") from None
+  _validate_validation(config)
+
+
+def _fraction(name: str, value, low_open: bool = False) -> None:
+  ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+  if not ok or not ((0 < value) if low_open else (0 <= value)) or value >= 1:
+    bound = "(0, 1)" if low_open else "[0, 1)"
+    raise ValueError(f"config.{name}={value!r} must be a number in {bound}.")
+
+
+def _validate_validation(config) -> None:
+  """The validation, threshold, predict and crop fields (absent blocks: older recorded configs)."""
+  v = config.get("validation")
+  if v is not None:
+    _fraction("validation.fraction", v.fraction)
+    _positive_int(config, "validation.num_synthetic", v.num_synthetic, allow_zero=True)
+    _positive_int(config, "validation.every_steps", v.every_steps)
+    if v.select not in ("last", "best"):
+      raise ValueError(f"config.validation.select={v.select!r}: use 'last' or 'best'.")
+    if v.select == "best" and not v.fraction:
+      raise ValueError("config.validation.select='best' needs held-out images: set "
+                       "config.validation.fraction > 0.")
+  t = config.get("threshold")
+  if t is not None:
+    _fraction("threshold.image_fpr", t.image_fpr)
+    _fraction("threshold.pixel_fpr", t.pixel_fpr)
+  p = config.get("predict")
+  if p is not None:
+    if not isinstance(p.tile, bool):
+      raise ValueError(f"config.predict.tile={p.tile!r} must be True or False.")
+    scale = p.tile_scale
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) \
+        or scale <= 0:
+      raise ValueError(f"config.predict.tile_scale={scale!r} must be a finite number > 0.")
+    _fraction("predict.tile_overlap", p.tile_overlap)
+    _positive_int(config, "predict.min_region_area", p.min_region_area)
+  if config.get("train_crop") is not None:
+    if not isinstance(config.train_crop, bool):
+      raise ValueError(f"config.train_crop={config.train_crop!r} must be True or False.")
+    _positive_int(config, "load_size", config.load_size, allow_zero=True)
+    if config.train_crop and config.load_size < config.image_size:
+      raise ValueError(f"config.train_crop=True needs config.load_size >= config.image_size "
+                       f"({config.image_size}); got load_size={config.load_size}.")
+    if not config.train_crop and config.load_size:
+      raise ValueError(f"config.load_size={config.load_size} is used only with config.train_crop=True; "
+                       "set it to 0 or turn train_crop on.")
