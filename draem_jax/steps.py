@@ -1,14 +1,19 @@
-"""The train state, optimizer and the two jitted computations of DRAEM: train step and inference.
+"""One DRAEM training step, the state it updates, and inference.
 
-``train_step`` is one pure function: anomaly synthesis on device, both networks, the three losses,
-gradients and the Adam update. It is jitted once with the batch sharded over the ``data`` mesh axis and the
-state replicated; BatchNorm statistics are then global over the batch whatever the device count.
+A batch's path: ``train_step`` picks the step's images from the training set already on the devices
+(``pipeline.batch_indices``), converts them uint8 -> float32 once, synthesizes anomalies on the device
+(``synthesis.synthesize``), runs both networks in train mode, computes ``draem_loss`` and its gradients
+(``loss_and_grads``) and applies Adam. ``jit_train_step`` binds the static parts with
+``functools.partial`` and jits it with the batch sharded over the ``data`` mesh axis and everything else
+replicated, so BatchNorm statistics are global over the batch whatever the device count. Train, the
+benchmarks, the multi-process worker and the tests all use that one helper.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any, Callable
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -18,6 +23,7 @@ import optax
 
 from draem_jax import losses
 from draem_jax import models
+from draem_jax import parallel
 from draem_jax import scoring
 from draem_jax import synthesis
 from draem_jax.data import pipeline
@@ -53,34 +59,26 @@ def build_model(config) -> models.DRAEM:
   if dtype is None:
     raise ValueError(f"config.model.dtype={config.model.dtype!r}: use 'float32' or 'bfloat16'")
   return models.DRAEM(recon_width=config.model.recon_width, disc_width=config.model.disc_width,
-                      dtype=dtype, fast_cpu_conv=bool(config.model.get("fast_cpu_conv", False)))
+                      dtype=dtype)
 
 
-# ceil(N / B): the original's DataLoader length with drop_last=False; the data stream defines it.
 steps_per_epoch = pipeline.steps_per_epoch
 
 
 def learning_rate_schedule(config, num_train_images: int) -> optax.Schedule:
-  """Piecewise-constant learning rate over steps.
+  """Piecewise-constant learning rate over steps: x ``lr_decay_factor`` at each ``lr_decay_fractions``.
 
-  original: x0.2 after 80% and 90% of ``num_epochs`` (MultiStepLR in the original code, stepped per
-  epoch). The original passes fractional milestones, which never fire unless 0.8*E and 0.9*E are whole
-  numbers; here they are rounded up to a whole epoch so the decay always happens (identical for E = 700
-  and 800). paper: x0.1 at epochs 400 and 600.
+  A fraction f of ``num_epochs`` becomes the boundary epoch ceil(f * E) (MultiStepLR in the original
+  code, stepped per epoch; the original passes fractional milestones, which never fire unless 0.8 E and
+  0.9 E are whole numbers; rounding up makes the decay always happen, identical for E = 700 and 800).
+  The paper's epochs 400 and 600 of 700 are the fractions 4/7 and 6/7.
   """
   spe = steps_per_epoch(num_train_images, config.batch_size)
-  if config.lr_schedule == "original":
-    epochs = [math.ceil(0.8 * config.num_epochs), math.ceil(0.9 * config.num_epochs)]
-    factor = 0.2
-  elif config.lr_schedule == "paper":
-    epochs, factor = [400, 600], 0.1
-  elif config.lr_schedule == "constant":
-    epochs, factor = [], 1.0
-  else:
-    raise ValueError(f"config.lr_schedule={config.lr_schedule!r}: use 'original', 'paper' or 'constant'")
-  boundaries = {}
-  for e in epochs:
-    boundaries[e * spe] = boundaries.get(e * spe, 1.0) * factor
+  boundaries: dict[int, float] = {}
+  for fraction in config.lr_decay_fractions:
+    # The tolerance keeps e.g. 4/7 * 700 = 400.00000000000006 at epoch 400.
+    epoch = math.ceil(fraction * config.num_epochs - 1e-9)
+    boundaries[epoch * spe] = boundaries.get(epoch * spe, 1.0) * config.lr_decay_factor
   return optax.piecewise_constant_schedule(config.learning_rate, boundaries)
 
 
@@ -107,97 +105,91 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: 
                     batch_stats=variables["batch_stats"], opt_state=tx.init(params), key=run_key)
 
 
-def to_float_images(images: jax.Array) -> jax.Array:
-  """uint8 [0, 255] or float [0, 1] (N, H, W, 3) -> float32 [0, 1]; shipping uint8 saves bandwidth.
+def loss_and_grads(model: nn.Module, params: Any, batch_stats: Any, syn: synthesis.Synthesized):
+  """Both networks in train mode on ``syn.augmented``, ``draem_loss`` and its gradients.
 
-  The same exact conversion as the input pipeline's (``pipeline.to_unit_float_device``).
-  """
-  return pipeline.to_unit_float_device(images)
+  The focal loss reaches the reconstructive net through the reconstruction, as in the original.
 
-
-def make_loss_grad_fn(model: nn.Module) -> Callable[..., Any]:
-  """Returns ``loss_grad_fn(state, syn) -> (grads, new_batch_stats, metrics)`` for a synthesized batch.
-
-  Both networks in train mode on ``syn.augmented``, ``draem_loss`` against ``syn.target`` and
-  ``syn.mask``, and gradients with respect to all parameters.
+  Returns:
+    ``(grads, new_batch_stats, metrics)``; metrics: float32 scalars loss, l2, ssim, focal, grad_norm.
   """
 
-  def loss_grad_fn(state: TrainState, syn: synthesis.Synthesized):
+  def loss_fn(params):
+    (recon, logits), new_vars = model.apply({"params": params, "batch_stats": batch_stats},
+                                            syn.augmented, train=True, mutable=["batch_stats"])
+    total, terms = losses.draem_loss(recon, syn.target, logits, syn.mask)
+    return total, (new_vars["batch_stats"], terms)
 
-    def loss_fn(params):
-      (recon, logits), new_vars = model.apply(
-          {"params": params, "batch_stats": state.batch_stats}, syn.augmented, train=True,
-          mutable=["batch_stats"])
-      total, terms = losses.draem_loss(recon, syn.target, logits, syn.mask)
-      return total, (new_vars["batch_stats"], terms)
-
-    (total, (batch_stats, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    metrics = {"loss": total, **terms, "grad_norm": optax.tree.norm(grads)}
-    return grads, batch_stats, metrics
-
-  return loss_grad_fn
+  (total, (new_stats, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  return grads, new_stats, {"loss": total, **terms, "grad_norm": optax.tree.norm(grads)}
 
 
-def make_grad_fn(model: nn.Module,
-                 synthesis_config: synthesis.SynthesisConfig) -> Callable[..., Any]:
-  """Returns ``grad_fn(state, images, sources) -> (grads, new_batch_stats, metrics)`` (not jitted).
+def train_step(state: TrainState, train_images: jax.Array, sources: jax.Array, *, model: nn.Module,
+               tx: optax.GradientTransformation, synthesis_config: synthesis.SynthesisConfig,
+               schedule: optax.Schedule, batch_size: int, data_seed: int,
+               batch_sharding: jax.sharding.Sharding | None = None) -> tuple[TrainState, dict[str, Any]]:
+  """One update: this step's images, anomaly synthesis, both networks, the losses and Adam.
 
-  The forward half of the train step: on-device anomaly synthesis from the step's key, both networks in
-  train mode, ``draem_loss`` and its gradients with respect to all parameters (the focal loss reaches
-  the reconstructive net through the reconstruction, as in the original).
+  Args:
+    state: the TrainState (replicated).
+    train_images: uint8 (N, H, W, 3), the whole training set, on every device.
+    sources: uint8 (S, H, W, 3) anomaly-source textures, on every device.
+    model, tx, synthesis_config, schedule: the recipe (static).
+    batch_size: static global batch size B.
+    data_seed: static seed of the image order.
+    batch_sharding: where the step's batch lives (split over the ``data`` axis); None leaves it to XLA.
 
-  Args of the returned function:
-    state: TrainState.
-    images: (B, H, W, 3) uint8 or float32 in [0, 1], the clean normal images (global batch).
-    sources: (S, H, W, 3) uint8 anomaly-source textures, on device.
+  Returns:
+    ``(new_state, metrics)``; metrics are float32 scalars: loss, l2, ssim, focal, grad_norm,
+    anomaly_fraction (share of examples with a non-empty simulated anomaly), learning_rate.
   """
+  # 1. The step's images, picked on the device from the step number (no host pipeline).
+  index = pipeline.batch_indices(state.step, train_images.shape[0], batch_size, data_seed)
+  images = pipeline.to_unit_float_device(train_images[index])
+  if batch_sharding is not None:
+    images = jax.lax.with_sharding_constraint(images, batch_sharding)
+  # 2. Anomaly synthesis on the device, one key per example.
+  syn = synthesis.synthesize(jax.random.fold_in(state.key, state.step), images, sources,
+                             config=synthesis_config)
+  # 3. Losses and gradients of both networks.
+  grads, batch_stats, metrics = loss_and_grads(model, state.params, state.batch_stats, syn)
+  # 4. Adam.
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics["anomaly_fraction"] = jnp.mean(syn.has_anomaly)
+  metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                            opt_state=opt_state)
+  return new_state, metrics
 
-  loss_grad_fn = make_loss_grad_fn(model)
 
-  def grad_fn(state: TrainState, images: jax.Array, sources: jax.Array):
-    key = jax.random.fold_in(state.key, state.step)
-    syn = synthesis.synthesize(key, to_float_images(images), sources, config=synthesis_config)
-    grads, batch_stats, metrics = loss_grad_fn(state, syn)
-    metrics["anomaly_fraction"] = jnp.mean(syn.has_anomaly)
-    return grads, batch_stats, metrics
+def jit_train_step(mesh: jax.sharding.Mesh, *, model: nn.Module, tx: optax.GradientTransformation,
+                   synthesis_config: synthesis.SynthesisConfig, schedule: optax.Schedule,
+                   batch_size: int, data_seed: int):
+  """``train_step`` with the recipe bound, jitted over ``mesh``; the state is donated.
 
-  return grad_fn
-
-
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                    synthesis_config: synthesis.SynthesisConfig,
-                    schedule: optax.Schedule | None = None) -> Callable[..., Any]:
-  """Returns ``train_step(state, images, sources) -> (state, metrics)`` (not yet jitted).
-
-  Arguments as for ``make_grad_fn``. Metrics are float32 scalars: loss, l2, ssim, focal, grad_norm,
-  anomaly_fraction (share of examples that received a non-empty simulated anomaly) and, with a
-  ``schedule``, the learning rate used by this step.
+  Returns:
+    ``step_fn(state, train_images, sources) -> (state, metrics)``; every argument replicated.
   """
-  grad_fn = make_grad_fn(model, synthesis_config)
-
-  def train_step(state: TrainState, images: jax.Array, sources: jax.Array):
-    grads, batch_stats, metrics = grad_fn(state, images, sources)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    if schedule is not None:
-      metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state)
-    return new_state, metrics
-
-  return train_step
+  repl = parallel.replicated(mesh)
+  parallel.check_batch_size(batch_size, mesh.size, jax.process_count(), name="config.batch_size")
+  fn = functools.partial(train_step, model=model, tx=tx, synthesis_config=synthesis_config,
+                         schedule=schedule, batch_size=batch_size, data_seed=data_seed,
+                         batch_sharding=parallel.data_sharding(mesh))
+  return jax.jit(fn, in_shardings=(repl, repl, repl), out_shardings=(repl, repl), donate_argnums=0)
 
 
-def make_infer_fn(model: nn.Module, *, filter_size: int = 21, bgr: bool = False) -> Callable[..., Any]:
+def make_infer_fn(model: nn.Module, *, filter_size: int = 21, bgr: bool = False):
   """Returns ``infer(variables, images) -> (anomaly_maps (N,H,W), image_scores (N,), recon)``.
 
   Eval mode: BatchNorm uses running statistics, so padded rows do not affect real ones; the
   reconstruction is fed to the discriminator as in the original test script. ``bgr=True`` reverses the
   channels of RGB input first, for weights trained on OpenCV (BGR) images such as the released ones.
+  Images: (N, H, W, 3) uint8, or float32 in [0, 1].
   """
 
   def infer(variables, images):
-    images = to_float_images(images)
+    images = pipeline.to_unit_float_device(images)
     if bgr:
       images = images[..., ::-1]
     recon, logits = model.apply(variables, images, train=False)

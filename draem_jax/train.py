@@ -2,15 +2,24 @@ r"""Trains DRAEM on one category, then evaluates it.
 
   python -m draem_jax.train --config=configs/mvtec.py:bottle --workdir=workdirs/bottle
 
-Reads top to bottom: flags -> work directory -> mesh -> data -> model and optimizer -> resume ->
-jitted step -> loop (log, checkpoint, preemption) -> evaluation. Restarting the same command resumes from
-the newest checkpoint and ends bit-identical to an uninterrupted run; a finished run is only re-evaluated
-unless ``--config.overwrite=True``.
+``train_and_evaluate`` reads top to bottom: config check -> work directory -> mesh -> data on the
+devices -> model, optimizer and state (fresh or restored) -> the jitted step -> loop (log, checkpoint,
+stop) -> evaluation. Restarting the same command resumes from the newest intact checkpoint and ends
+bit-identical to an uninterrupted run; a finished run is only re-evaluated.
+
+Exit codes: 0 finished (and evaluated); 1 error (one line on stderr); ``EXIT_STOPPED_EARLY`` (75,
+"temporary failure") when the run stopped before its last step on SIGTERM or ``config.stop_after_steps``
+with a checkpoint saved: rerun the same command to resume (schedulers that requeue on non-zero exits
+do exactly that).
+
+``--config.overwrite=True`` sets a previous run aside (renamed ``*.replaced-<time>``, never deleted) and
+starts again, except for an unfinished run that an overwrite invocation with the same config started:
+that one is resumed, so a preempted ``overwrite`` job rerun by its scheduler continues instead of
+restarting from step 0 forever.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 from typing import Any
@@ -26,13 +35,14 @@ import numpy as np
 from draem_jax import checkpointing
 from draem_jax import evaluate
 from draem_jax import parallel
+from draem_jax import recipes
+from draem_jax import rundir
 from draem_jax import steps
-from draem_jax import synthesis
 from draem_jax import writers
 from draem_jax.data import datasets
-from draem_jax.data import pipeline
 
 FLAGS = flags.FLAGS
+EXIT_STOPPED_EARLY = 75  # sysexits.h EX_TEMPFAIL: stopped with a checkpoint; rerun to resume
 
 
 def define_flags() -> None:
@@ -45,79 +55,59 @@ def define_flags() -> None:
                     "Detected automatically on multi-worker TPU slices.")
   flags.mark_flags_as_required(["config", "workdir"])
 
-# Fields that define the trained model; resuming with a different value would mix two runs.
-_STRUCTURAL_FIELDS = ("dataset", "category", "image_size", "batch_size", "seed", "model.recon_width",
-                      "model.disc_width", "synthesis.variant", "lr_schedule", "learning_rate",
-                      "num_epochs")
-
 
 class TrainingError(RuntimeError):
   """A training run cannot continue (bad state, diverged loss)."""
 
 
+class StoppedEarly(Exception):
+  """The run saved a checkpoint and stopped before its last step (SIGTERM, ``stop_after_steps``)."""
+
+
 # ----------------------------------------------------------------------------------------------------
-# Work directory: config record, finished-run guard.
+# Work directory: fresh, resume or finished.
 # ----------------------------------------------------------------------------------------------------
 
-def _get(config, dotted: str):
-  value = config
-  for part in dotted.split("."):
-    value = value[part]
-  return value
-
-
-def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, total_steps: int) -> str:
+def prepare_workdir(config: ml_collections.ConfigDict, workdir, total_steps: int) -> str:
   """Checks the work directory against the config; returns "fresh", "resume" or "finished".
 
-  Sets a previous run aside (renamed, never deleted) when ``config.overwrite`` is true.
+  Sets a previous run aside (renamed, never deleted) under ``config.overwrite`` (see the module
+  docstring for when an overwrite run resumes instead).
   """
-  config_path = os.path.join(workdir, "config.json")
-  latest = checkpointing.latest_step(workdir)
-  if latest is None:
+  steps_on_disk = checkpointing.all_steps(workdir)
+  if not steps_on_disk:
     return "fresh"
-  if config.overwrite:
+  latest = steps_on_disk[-1]
+  if config.overwrite and not _started_by_this_overwrite(workdir, config, latest, total_steps):
     if jax.process_index() == 0:
-      renamed, stamp = checkpointing.set_run_aside(workdir)
-      logging.warning("config.overwrite=True: %s of the previous run in %s renamed to *.replaced-%s",
-                      renamed, workdir, stamp)
+      renamed, stamp = rundir.set_run_aside(workdir)
+      rundir.log_set_aside(workdir, renamed, stamp)
     _sync("overwrite")
     return "fresh"
-  if os.path.exists(config_path):
-    with open(config_path, encoding="utf-8") as f:
-      saved = ml_collections.ConfigDict(json.load(f))
-    changed = [f for f in _STRUCTURAL_FIELDS if _safe_get(saved, f) != _safe_get(config, f)]
-    if changed:
-      details = ", ".join(f"{f}: {_safe_get(saved, f)!r} -> {_safe_get(config, f)!r}" for f in changed)
-      raise TrainingError(
-          f"{workdir} holds a run with a different config ({details}). Use another --workdir, or "
-          "--config.overwrite=True to set the old run aside and start again.")
-  if not checkpointing.has_train_state(workdir, latest):
-    raise TrainingError(
-        f"{workdir} holds converted or model-only weights (checkpoint {latest} has no optimizer state); "
-        "it can be evaluated but not trained further. Use another --workdir.")
+  try:
+    rundir.check_resume(workdir, config)
+  except rundir.ConfigChangedError as e:
+    raise TrainingError(str(e)) from None
   return "finished" if latest >= total_steps else "resume"
 
 
-def _safe_get(config, dotted):
-  try:
-    return _get(config, dotted)
-  except (KeyError, AttributeError):
-    return None
+def _started_by_this_overwrite(workdir, config, latest: int, total_steps: int) -> bool:
+  """An unfinished run recorded with overwrite=True and the same config: resume it, do not restart."""
+  file = rundir.path(workdir) / rundir.CONFIG_FILE
+  if latest >= total_steps or not file.exists():
+    return False
+  saved = ml_collections.ConfigDict(rundir.read_json(file))
+  return bool(saved.get("overwrite")) and not rundir.config_changes(saved, config)
 
 
 def _sync(name: str) -> None:
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    from jax.experimental import multihost_utils  # only needed on multi-process runs
     multihost_utils.sync_global_devices(name)
 
 
-def write_config(config, workdir: str) -> None:
-  if jax.process_index() == 0:
-    checkpointing.write_config(workdir, config)
-
-
 # ----------------------------------------------------------------------------------------------------
-# Preemption: SIGTERM sets a flag; the loop saves at the next step boundary and exits cleanly.
+# Preemption: SIGTERM sets a flag; the loop saves at the next step boundary and exits.
 # ----------------------------------------------------------------------------------------------------
 
 class _Preemption:
@@ -153,22 +143,29 @@ class _Preemption:
 # Training.
 # ----------------------------------------------------------------------------------------------------
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains (or resumes) the run in ``workdir`` and evaluates it; returns the evaluation metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, Any]:
+  """Trains (or resumes) the run in ``workdir`` and evaluates it; returns the evaluation metrics.
 
-  workdir = os.path.abspath(workdir)
+  Raises:
+    StoppedEarly: a checkpoint was saved before the last step (SIGTERM, ``config.stop_after_steps``).
+    TrainingError, ValueError, OSError: one-line messages naming the field or file.
+  """
+  recipes.validate(config)
+  workdir = rundir.path(workdir)
   logging.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.default_backend())
 
-  # -- Mesh.
+  # -- Mesh: one "data" axis over every device of every process.
   mesh = parallel.make_mesh()
-  repl, data_sh = parallel.replicated(mesh), parallel.data_sharding(mesh)
+  repl = parallel.replicated(mesh)
   parallel.check_batch_size(config.batch_size, jax.device_count(), jax.process_count(),
                             name="config.batch_size")
 
-  # -- Data: training images (uint8, in memory) and anomaly sources (uint8, on device).
-  train_images = datasets.load_train_images(config, workdir)
+  # -- Data: every split checked before any training; training images (uint8) and anomaly sources
+  # (uint8) go onto every device once.
+  datasets.check_category(config, str(workdir))
+  train_images = datasets.load_train_images(config, str(workdir))
   num_train = len(train_images)
   spe = steps.steps_per_epoch(num_train, config.batch_size)
   total_steps = config.num_epochs * spe
@@ -179,12 +176,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if status == "finished":
     logging.info("Run in %s is finished (%d steps); re-evaluating only. Use --config.overwrite=True "
                  "to train again.", workdir, total_steps)
-    return evaluate.evaluate_workdir(workdir, config=config)
-  write_config(config, workdir)
-
+    return evaluate.evaluate_workdir(str(workdir), config=config)
+  if status == "fresh":
+    rundir.write_config(workdir, config)
+  train_images = jax.device_put(train_images, repl)
   sources = jax.device_put(datasets.load_anomaly_sources(config), repl)
 
-  # -- Model, optimizer, state built directly with the replicated sharding.
+  # -- Model, optimizer and state, built directly with the replicated sharding.
   model = steps.build_model(config)
   schedule = steps.learning_rate_schedule(config, num_train)
   tx = steps.make_optimizer(schedule)
@@ -193,31 +191,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     out_shardings=repl)
   # Made by a jitted call so it is a global replicated array on multi-host runs too.
   seed_key = jax.jit(jax.random.key, out_shardings=repl)(config.seed)
-
-  mngr = checkpointing.manager(workdir, keep=config.keep_checkpoints)
   if status == "resume":
     abstract = jax.eval_shape(init_fn, seed_key)
-    start = mngr.latest_step()
-    model_vars, train_item = checkpointing.restore(
-        mngr, start, checkpointing.abstract_like(abstract.model_variables()),
-        checkpointing.abstract_like(abstract.train_item()))
+    try:
+      start, model_vars, train_item = checkpointing.restore_intact(
+          workdir, checkpointing.abstract_like(abstract.model_variables()),
+          checkpointing.abstract_like(abstract.train_item()))
+    except checkpointing.NoCheckpointError as e:
+      raise TrainingError(str(e)) from None
     state = steps.TrainState(params=model_vars["params"], batch_stats=model_vars["batch_stats"],
                              **train_item)
     logging.info("Resumed from step %d of %d.", start, total_steps)
   else:
-    state = init_fn(seed_key)
-    start = 0
+    state, start = init_fn(seed_key), 0
 
-  # -- The jitted step: batch sharded over "data", state replicated and donated.
-  synthesis_config = synthesis_config_for(config)
-  train_step = jax.jit(steps.make_train_step(model, tx, synthesis_config, schedule),
-                       in_shardings=(repl, data_sh, repl), out_shardings=(repl, repl),
-                       donate_argnums=0)
+  # -- The jitted step: images picked, anomalies synthesized and both nets updated on the devices.
+  train_step = steps.jit_train_step(
+      mesh, model=model, tx=tx, synthesis_config=recipes.synthesis_config(config), schedule=schedule,
+      batch_size=config.batch_size, data_seed=config.seed)
 
-  train_iter = pipeline.TrainIterator(train_images, global_batch_size=config.batch_size,
-                                      seed=config.seed, start_step=start, sharding=data_sh,
-                                      end_step=total_steps)
-  writer = writers.MetricWriter(workdir)
+  mngr = checkpointing.manager(workdir, keep=config.keep_checkpoints)
+  writer = writers.MetricWriter(workdir, resume_step=start if status == "resume" else None)
   progress = writers.Progress(total_steps, config.batch_size, start)
   history: list[dict[str, float]] = []
 
@@ -227,10 +221,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # The gradient norm is checked too: a finite loss with non-finite gradients still poisons the
     # parameters this step saves.
     if not (np.isfinite(values["loss"]) and np.isfinite(values["grad_norm"])):
+      saved = mngr.latest_step()
+      kept = (f"the last good checkpoint (step {saved}) is intact" if saved is not None
+              else "no checkpoint was written yet")
       raise TrainingError(
-          f"Non-finite loss ({values['loss']}) or gradient norm ({values['grad_norm']}) at step "
-          f"{step}; stopping. The last good checkpoint "
-          f"(step {mngr.latest_step()}) is intact. Lower config.learning_rate or use float32.")
+          f"Non-finite loss ({values['loss']}) or gradient norm ({values['grad_norm']}) at step {step}; "
+          f"stopping, {kept}. Lower config.learning_rate or use float32.")
     history.append(values)
     if step % config.log_every_steps == 0 or step == total_steps or last:
       rates = progress.update(step)
@@ -244,25 +240,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
            f"ETA {writers.Progress.format_eta(rates['eta_sec'])}") if rates else "(compiling)")
 
   pending = None
-  stopped_early = False
   step = start
-  # jit's explicit shardings place every array; no ambient mesh context is needed.
+  stop = False
   try:
-    with _Preemption() as preemption, train_iter:
+    with _Preemption() as preemption:
       for step in range(start + 1, total_steps + 1):
-        batch = next(train_iter)
-        state, metrics = train_step(state, batch, sources)
+        state, metrics = train_step(state, train_images, sources)
         if pending is not None:
           finish_step(*pending)
         pending = (step, metrics)
         stop = preemption.should_stop(mngr, step) or (
-            config.get("stop_after_steps", 0) > 0 and step - start >= config.stop_after_steps)
+            config.stop_after_steps > 0 and step - start >= config.stop_after_steps)
         if step % config.checkpoint_every_steps == 0 or step == total_steps or stop:
           finish_step(*pending, last=stop)  # never save a state whose loss was not checked
           pending = None
           checkpointing.save(mngr, step, state.model_variables(), state.train_item())
         if stop:
-          stopped_early = step < total_steps
           break
       if pending is not None:
         finish_step(*pending)
@@ -271,20 +264,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     mngr.wait_until_finished()
     mngr.close()
     writer.close()
-  if stopped_early:
-    logging.warning("Stopped at step %d of %d (SIGTERM or config.stop_after_steps); rerun the same "
-                    "command to resume.", step, total_steps)
-    return {}
-  return evaluate.evaluate_workdir(workdir, config=config)
-
-
-def synthesis_config_for(config) -> synthesis.SynthesisConfig:
-  variant = config.synthesis.variant
-  if variant == "original":
-    return synthesis.SynthesisConfig()
-  if variant == "paper":
-    return synthesis.SynthesisConfig.paper()
-  raise ValueError(f"config.synthesis.variant={variant!r}: use 'original' or 'paper'.")
+  if stop and step < total_steps:
+    raise StoppedEarly(
+        f"stopped at step {step} of {total_steps} with a checkpoint (SIGTERM or config.stop_after_steps); "
+        "rerun the same command to resume.")
+  return evaluate.evaluate_workdir(str(workdir), config=config)
 
 
 def maybe_initialize_distributed(multihost: bool) -> None:
@@ -301,11 +285,13 @@ def main(argv):
   maybe_initialize_distributed(FLAGS.multihost)
   try:
     train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (TrainingError, ValueError, FileNotFoundError) as e:
-    logging.error("%s", e)
-    raise SystemExit(f"error: {e}") from None
+  except StoppedEarly as e:
+    logging.warning("%s", e)
+    raise SystemExit(EXIT_STOPPED_EARLY) from None
+  except (TrainingError, ValueError, OSError) as e:
+    raise SystemExit(f"error: {writers.one_line(e)}") from None
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  writers.run_program(main)

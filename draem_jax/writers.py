@@ -15,51 +15,77 @@ import os
 import time
 from typing import Any, Mapping
 
+from absl import app
+from absl import flags
 from absl import logging
+from etils import epath
 import jax
 import numpy as np
 
 
 class MetricWriter:
-  """Writes scalar metrics of process 0 to JSONL, the log and (optionally) TensorBoard."""
+  """Writes scalar metrics of process 0 to JSONL, the log and (optionally) TensorBoard.
 
-  def __init__(self, workdir: str, *, filename: str = "metrics.jsonl", tensorboard: bool = True):
+  ``resume_step``: a resumed run redoes the steps after its checkpoint, so rows logged past it by the
+  interrupted invocation are moved to ``metrics.superseded.jsonl`` (kept, never deleted) and the log has
+  each step once. Paths go through ``etils.epath``; on object stores (no append) the file is rewritten.
+  """
+
+  def __init__(self, workdir, *, filename: str = "metrics.jsonl", tensorboard: bool = True,
+               resume_step: int | None = None):
     self._active = jax.process_index() == 0
-    self._file = None
     self._tb = None
+    self._rows: list[str] = []
     if not self._active:
       return
-    os.makedirs(workdir, exist_ok=True)
-    # Append: a resumed run continues the same file instead of replacing what was logged before.
-    self._file = open(os.path.join(workdir, filename), "a", encoding="utf-8")
+    root = epath.Path(workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    self._path = root / filename
+    self._append = "://" not in str(root)
+    if self._path.exists():
+      self._rows = [line for line in self._path.read_text().splitlines() if line.strip()]
+    if resume_step is not None:
+      keep = [r for r in self._rows if json.loads(r).get("step", 0) <= resume_step]
+      dropped = [r for r in self._rows if json.loads(r).get("step", 0) > resume_step]
+      if dropped:
+        superseded = root / (filename.rsplit(".", 1)[0] + ".superseded.jsonl")
+        old = superseded.read_text() if superseded.exists() else ""
+        superseded.write_text(old + "\n".join(dropped) + "\n")
+        self._rows = keep
+        self._rewrite()
     if tensorboard:
       try:
-        import tensorboardX  # pylint: disable=g-import-not-at-top
-        self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+        import tensorboardX  # imported only when installed (the tensorboard extra)
+        self._tb = tensorboardX.SummaryWriter(str(root / "tensorboard"))
       except ImportError:
         logging.info("tensorboardX not installed; metrics go to metrics.jsonl only "
                      "(pip install 'draem_jax[tensorboard]' for TensorBoard files).")
+
+  def _rewrite(self) -> None:
+    tmp = self._path.parent / f".{self._path.name}.tmp"
+    tmp.write_text("".join(r + "\n" for r in self._rows))
+    tmp.rename(self._path) if not self._append else tmp.replace(self._path)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     if not self._active:
       return
     values = {k: float(np.asarray(v)) for k, v in scalars.items()}
-    self._file.write(json.dumps({"step": int(step), **values}) + "\n")
-    self._file.flush()
+    row = json.dumps({"step": int(step), **values})
+    self._rows.append(row)
+    if self._append:
+      with self._path.open("a") as f:
+        f.write(row + "\n")
+    else:
+      self._rewrite()
     if self._tb is not None:
       for k, v in values.items():
         self._tb.add_scalar(k, v, int(step))
 
   def flush(self) -> None:
-    if self._file is not None:
-      self._file.flush()
     if self._tb is not None:
       self._tb.flush()
 
   def close(self) -> None:
-    if self._file is not None:
-      self._file.close()
-      self._file = None
     if self._tb is not None:
       self._tb.close()
       self._tb = None
@@ -115,3 +141,72 @@ def quiet_library_logs() -> None:
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _DropLibraryInfo) for f in handler.filters):
     handler.addFilter(_DropLibraryInfo())
+
+
+def one_line(e: BaseException) -> str:
+  """An exception as one line; OS errors name the file and the reason (no traceback)."""
+  if isinstance(e, OSError) and e.strerror:
+    names = " -> ".join(str(n) for n in (e.filename, e.filename2) if n)
+    return f"{e.strerror}: {names}" if names else e.strerror
+  return " ".join(str(e).split()) or type(e).__name__
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing where a bad flag or config override is one line, not a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    raise SystemExit(f"error: {one_line(e)} (see --help)") from None
+  except Exception as e:  # pylint: disable=broad-except  (config files and overrides raise anything)
+    cause = e.__cause__ or e
+    unknown = _unknown_config_override(argv, cause)
+    if unknown:
+      raise SystemExit(f"error: {unknown}") from None
+    raise SystemExit(f"error: {type(cause).__name__}: {one_line(cause)}") from None
+
+
+def _unknown_config_override(argv: list[str], e: BaseException) -> str | None:
+  """For ``--config.no_such=1``: the field named, with the closest known fields."""
+  if not isinstance(e, (AttributeError, KeyError)):
+    return None
+  import difflib  # only on this error path
+  from draem_jax import recipes  # a superset of every recipe's fields
+  known = _dotted_keys(recipes.mvtec())
+  for arg in argv[1:]:
+    if arg.startswith("--config."):
+      field = arg[len("--config."):].split("=", 1)[0]
+      if field not in known:
+        close = difflib.get_close_matches(field, known, n=3)
+        hint = f"; did you mean {', '.join('--config.' + c for c in close)}?" if close else ""
+        return f"--config.{field}: the config has no field {field!r}{hint}"
+  return None
+
+
+def _dotted_keys(config, prefix: str = "") -> list[str]:
+  keys = []
+  for k, v in config.items():
+    keys.append(prefix + k)
+    if hasattr(v, "items"):
+      keys += _dotted_keys(v, f"{prefix}{k}.")
+  return keys
+
+
+def default_compilation_cache_dir() -> str:
+  """Where the programs keep compiled XLA programs: ``$XDG_CACHE_HOME/draem_jax/jax_compilation_cache``
+  (``~/.cache/...`` without XDG_CACHE_HOME); ``JAX_COMPILATION_CACHE_DIR`` overrides it."""
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "draem_jax", "jax_compilation_cache")
+
+
+def enable_compilation_cache() -> None:
+  """Persistent compilation cache, so a second run of a program compiles nothing it compiled before."""
+  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    jax.config.update("jax_compilation_cache_dir", default_compilation_cache_dir())
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def run_program(main) -> None:
+  """``absl.app.run(main)`` with one-line errors for bad flags and config overrides, and the
+  persistent compilation cache on."""
+  enable_compilation_cache()
+  app.run(main, flags_parser=_parse_flags)

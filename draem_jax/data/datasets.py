@@ -52,6 +52,29 @@ def data_root(config, workdir: str) -> str:
   raise ValueError(f"config.dataset={config.dataset!r}: use one of {DATASETS}.")
 
 
+def check_category(config, workdir: str) -> None:
+  """Finds, before any training, what would make the run fail later: a missing train/good folder, a
+  defect image without mask, or a test split with only one kind of image (no ``test/good`` or no defect
+  folder), which cannot be scored. A category with no ``test/`` at all is fine (trained without labels).
+  """
+  if config.dataset == "tfds":
+    return  # the builder checks its manual dir when it prepares the data
+  root = data_root(config, workdir)
+  files = folder.scan_category(root, config.category)
+  if not files.test:
+    return
+  test_dir = os.path.join(files.root, config.category, "test")
+  kinds = set(files.test_types)
+  if folder.GOOD not in kinds:
+    raise FileNotFoundError(
+        f"{os.path.join(test_dir, folder.GOOD)} is missing or holds no image: the test split needs "
+        "defect-free images to be scored. Add them, or remove test/ to train without labelled tests.")
+  if kinds == {folder.GOOD}:
+    raise FileNotFoundError(
+        f"{test_dir} holds only {folder.GOOD}/: add a folder per defect type (with masks under "
+        "ground_truth/), or remove test/ to train without labelled tests.")
+
+
 def load_split(config, workdir: str, split: str) -> folder.CategoryData:
   """One split ("train" or "test") of ``config.category``, resized to ``config.image_size``."""
   size = _image_size(config)
