@@ -67,6 +67,7 @@ def test_forward_equals_lax_and_numpy():
 
 # (Cin, Cout): the narrower side is shifted; <= 16 channels there -> one GEMM; both sides in (16, 64] ->
 # XLA's weight gradient; else nine GEMMs.
+@pytest.mark.numerics
 @pytest.mark.parametrize("cin,cout", [(8, 16), (16, 8), (3, 96), (96, 2), (72, 80), (80, 72), (32, 48)])
 def test_gradients_equal_native_and_numpy(cin, cout):
   x, k, g = _data(shape=(2, 6, 5, cin), cout=cout)
@@ -95,6 +96,7 @@ def test_bfloat16_gradients():
   assert _rel(dx, dx_np) < 2e-2 and _rel(dk, dk_np) < 2e-2
 
 
+@pytest.mark.numerics
 def test_sharded_batch_gradients_match_single_device():
   mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
   x, k, g = _data(shape=(8, 8, 8, 4), cout=8)

@@ -52,6 +52,7 @@ def _f32(*arrays):
   return [jnp.asarray(a, jnp.float32) for a in arrays]
 
 
+@pytest.mark.numerics
 def test_ssim_map_matches_skimage_random():
   rng = np.random.default_rng(0)
   x = rng.random((3, 24, 30, 3))
@@ -64,6 +65,7 @@ def test_ssim_map_matches_skimage_random():
                              want[:, BORDER:-BORDER, BORDER:-BORDER], rtol=0, atol=1e-5)
 
 
+@pytest.mark.numerics
 def test_ssim_map_matches_skimage_structured():
   x, y = _structured_pair()
   got = np.asarray(losses.ssim_map(*_f32(x, y)))
@@ -73,6 +75,7 @@ def test_ssim_map_matches_skimage_structured():
   np.testing.assert_array_equal(got[2], 1.0)  # Identical images: exactly 1 (border included).
 
 
+@pytest.mark.numerics
 def test_ssim_map_zero_padded_border_matches_float64():
   rng = np.random.default_rng(1)
   x, y = _structured_pair()
@@ -157,6 +160,7 @@ def _focal_np(logits, mask, gamma=2.0, alpha=1.0, smooth=1e-5):
   return np.mean(-alpha * (1.0 - pt)**gamma * np.log(pt))
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("scale", [1.0, 5.0, 30.0])
 def test_focal_loss_matches_float64_transcription(scale):
   rng = np.random.default_rng(6)
@@ -195,6 +199,7 @@ def test_focal_loss_gradients_finite_when_saturated():
       _focal_np(logits[:, finite], mask[:, finite]), rtol=1e-5)
 
 
+@pytest.mark.numerics
 def test_focal_loss_gradient_matches_naive_formula():
   rng = np.random.default_rng(8)
   logits = jnp.asarray(2.0 * rng.standard_normal((1, 5, 6, 2)), jnp.float32)

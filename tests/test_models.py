@@ -283,6 +283,7 @@ def test_bad_input_raises():
 # Building blocks.
 
 
+@pytest.mark.numerics
 def test_upsample_matches_numpy_align_corners():
   x = np.random.default_rng(0).normal(size=(2, 5, 7, 3))
   y = models.upsample2x_align_corners(jnp.asarray(x, jnp.float32))
@@ -298,6 +299,7 @@ def test_upsample_matches_numpy_align_corners():
   np.testing.assert_array_equal(one, np.full((1, 2, 2, 2), 4.0))
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("block", ["double", "up"])
 def test_blocks_match_numpy_train_and_eval(block):
   x = np.random.default_rng(1).normal(1.0, 2.0, size=(2, 8, 6, 5))
@@ -357,6 +359,7 @@ def small():
   return variables, x, outs, updated["batch_stats"]
 
 
+@pytest.mark.numerics
 def test_draem_matches_numpy_reference(small):
   variables, x, (recon, logits), stats = small
   assert recon.shape == (2, 64, 64, 3) and logits.shape == (2, 64, 64, 2)

@@ -47,6 +47,7 @@ def angles33():
   return np.random.default_rng(0).uniform(0, 2 * np.pi, (33, 33)).astype(np.float32)
 
 
+@pytest.mark.numerics
 def test_traced_res_matches_numpy_for_all_36_resolutions(angles33):
   # One program, res traced and vmapped: the exact path perlin_mask takes.
   fn = jax.jit(jax.vmap(lambda r: noise.perlin_from_angles(jnp.asarray(angles33), (256, 256), r)))

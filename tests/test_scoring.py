@@ -35,6 +35,7 @@ def test_anomaly_map_is_softmax_channel_one():
 
 @pytest.mark.parametrize("size,shape", [(21, (2, 30, 26)), (1, (1, 5, 6)), (3, (3, 7, 9)),
                                         (7, (2, 12, 8)), (21, (1, 8, 8))])
+@pytest.mark.numerics
 def test_box_filter_matches_brute_force(size, shape):
   rng = np.random.default_rng(size)
   m = rng.random(shape)
@@ -50,6 +51,7 @@ def test_box_filter_divides_by_full_window_at_border():
   assert got[0, 0, 0] == pytest.approx(121 / 441, abs=1e-6)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("size", [21, 5])
 def test_image_score_matches_brute_force(size):
   rng = np.random.default_rng(1)

@@ -184,6 +184,7 @@ def _mesh(n):
                        devices=jax.devices()[:n])
 
 
+@pytest.mark.numerics
 def test_sharded_batch_matches_single_device(stand_in_augment, images, sources):
   key = jax.random.key(6)
   results = []
