@@ -40,26 +40,36 @@ def _window_mean(x: jax.Array, taps: np.ndarray, axis: int) -> jax.Array:
   return out
 
 
-def _window_moments(a: jax.Array, b: jax.Array, taps: np.ndarray, axis: int):
-  """Weighted window means, variances and covariance of ``a`` and ``b`` along ``axis``.
+def _window_mean_var(w: jax.Array, taps: np.ndarray, axis: int) -> tuple[jax.Array, jax.Array]:
+  """Weighted window mean and variance of ``w`` along ``axis``, from differences to the window's centre.
 
-  Central moments are accumulated from differences to the window's centre value,
-  var = sum_k g_k (a_k - a_p)^2 - (sum_k g_k (a_k - a_p))^2, which equals E[a^2] - E[a]^2 for weights
-  summing to 1 (zero padding counts as data) but has no catastrophic cancellation: in float32,
-  E[a^2] - E[a]^2 leaves errors of ~1e-7 |a|^2, i.e. up to ~1e-4 in SSIM on flat regions where the
-  variance is compared with C2 = 9e-4.
-
-  Returns:
-    (mean_a, mean_b, var_a, var_b, cov_ab), each shaped like ``a``.
+  With d_k = w_k - w_p: mean = w_p + sum_k g_k d_k and var = sum_k g_k d_k^2 - (sum_k g_k d_k)^2, which
+  equal E[w] and E[w^2] - E[w]^2 for weights summing to 1 (zero padding counts as data) without the
+  catastrophic cancellation: in float32, E[w^2] - E[w]^2 leaves errors of ~1e-7 |w|^2, i.e. up to ~1e-4
+  in SSIM on flat regions where the variance is compared with C2 = 9e-4.
   """
-  r = len(taps) // 2
-  mean_a = mean_b = s_a = s_b = s_aa = s_bb = s_ab = 0.0
-  for g, ak, bk in zip(taps, _shifted(a, axis, r), _shifted(b, axis, r)):
-    da, db = ak - a, bk - b
-    mean_a, mean_b = mean_a + g * ak, mean_b + g * bk
-    s_a, s_b = s_a + g * da, s_b + g * db
-    s_aa, s_bb, s_ab = s_aa + g * da * da, s_bb + g * db * db, s_ab + g * da * db
-  return mean_a, mean_b, s_aa - s_a * s_a, s_bb - s_b * s_b, s_ab - s_a * s_b
+  s = ss = 0.0
+  for g, wk in zip(taps, _shifted(w, axis, len(taps) // 2)):
+    d = wk - w
+    s = s + g * d
+    ss = ss + g * d * d
+  return w + s, ss - s * s
+
+
+def _materialize(t: jax.Array, one: jax.Array) -> jax.Array:
+  """``t`` unchanged (``one`` is a runtime 1.0), but computed once: a performance hint for XLA:CPU.
+
+  XLA fuses a cheap elementwise producer into every consumer, even one that reads each element 11 times
+  (the next pass's shifted windows), recomputing the previous pass per tap (SSIM 2-5x slower on CPU).
+  A division is "expensive" to its fusion heuristic, so the producer is materialized instead;
+  ``optimization_barrier`` is removed before fusion on CPU and does not help.
+  """
+  return t / one
+
+
+def _runtime_one(big_l: jax.Array) -> jax.Array:
+  """1.0 for every L (0 and inf included) that XLA cannot constant-fold."""
+  return jnp.maximum(jnp.sign(jnp.abs(big_l)), 1.0)
 
 
 def _dynamic_range(x: jax.Array) -> jax.Array:
@@ -79,6 +89,89 @@ def _check_images(x: jax.Array, y: jax.Array, what: str) -> None:
                      f"{x.shape} and {y.shape}; add the batch/channel axes (e.g. x[None], x[..., None]).")
 
 
+def _window_mean_2d(q: jax.Array, one: jax.Array) -> jax.Array:
+  """The zero-padded 'same' 11x11 Gaussian window mean over axes 1 and 2 (separable)."""
+  taps = _gaussian_taps()
+  return _window_mean(_materialize(_window_mean(q, taps, axis=2), one), taps, axis=1)
+
+
+def _ssim_moments(x: jax.Array, y: jax.Array, one: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Window means and variances of u = x + y and v = x - y, stacked: (mu, var), each (N, H, W, 2C).
+
+  SSIM needs only mu_x mu_y, mu_x^2 + mu_y^2, var_x + var_y and cov_xy, i.e. the means and variances of
+  u and v (``_ssim_factors``): two quantities per pixel instead of five. The 2-D statistics are separable
+  by the law of total variance: the 2-D window variance is the H-window mean of the W-window variances
+  plus the H-window variance of the W-window means.
+  """
+  taps = _gaussian_taps()
+  w = jnp.concatenate([x + y, x - y], axis=-1)
+  row_mean, row_var = (_materialize(t, one) for t in _window_mean_var(w, taps, axis=2))
+  mu, between = _window_mean_var(row_mean, taps, axis=1)
+  return mu, _window_mean(row_var, taps, axis=1) + between
+
+
+def _ssim_factors(mu: jax.Array, var: jax.Array, big_l: jax.Array):
+  """(A1, A2, B1, B2) of S = A1 A2 / (B1 B2), each (N, H, W, C), from ``_ssim_moments``.
+
+  A1 = 2 mu_x mu_y + C1 = (mu_u^2 - mu_v^2) / 2 + C1, B1 = mu_x^2 + mu_y^2 + C1 = (mu_u^2 + mu_v^2) / 2
+  + C1, A2 = 2 cov + C2 = (var_u - var_v) / 2 + C2, B2 = var_x + var_y + C2 = (var_u + var_v) / 2 + C2.
+  """
+  c = mu.shape[-1] // 2
+  mu2 = mu * mu
+  c1 = (0.01 * big_l)**2
+  c2 = (0.03 * big_l)**2
+  a1 = 0.5 * (mu2[..., :c] - mu2[..., c:]) + c1
+  b1 = 0.5 * (mu2[..., :c] + mu2[..., c:]) + c1
+  a2 = 0.5 * (var[..., :c] - var[..., c:]) + c2
+  b2 = 0.5 * (var[..., :c] + var[..., c:]) + c2
+  return a1, a2, b1, b2
+
+
+# A hand-written reverse rule: autodiff through the 3 x 11 shifted slices of the centred moments
+# produces hundreds of full-size pads and adds (2.4 s per backward at 8x128x128x3 on 2 CPU cores, 30x
+# the forward). The gradient of the same function written with plain window means, mu_u = G[u] and
+# var_u = G[u^2] - mu_u^2 (G is symmetric, so it is its own adjoint), is
+#   dS/du = G[dS/dmu_u - 2 mu_u dS/dvar_u] + 2 u G[dS/dvar_u], likewise for v,
+# i.e. one 2-D window mean of a stacked (N, H, W, 4C) array.
+@jax.custom_vjp
+def _ssim_map_core(x: jax.Array, y: jax.Array, big_l: jax.Array) -> jax.Array:
+  return _ssim_map_fwd(x, y, big_l)[0]
+
+
+def _ssim_map_fwd(x, y, big_l):
+  one = _runtime_one(big_l)
+  mu, var = (_materialize(t, one) for t in _ssim_moments(x, y, one))
+  a1, a2, b1, b2 = _ssim_factors(mu, var, big_l)
+  return (a1 * a2) / (b1 * b2), (x, y, big_l, mu, var)
+
+
+def _ssim_map_bwd(residuals, g):
+  x, y, big_l, mu, var = residuals
+  c = x.shape[-1]
+  a1, a2, b1, b2 = _ssim_factors(mu, var, big_l)
+  g_inv = g / (b1 * b2)
+  gs_b1 = g * (a1 * a2) / (b1 * b2 * b1)  # g S / B1
+  gs_b2 = g * (a1 * a2) / (b1 * b2 * b2)  # g S / B2
+  mu_u, mu_v = mu[..., :c], mu[..., c:]
+  # g dS/dmu and g dS/dvar for u and v (A1 and B1 hold mu, A2 and B2 hold var).
+  d_mu_u = mu_u * (a2 * g_inv - gs_b1)
+  d_mu_v = -mu_v * (a2 * g_inv + gs_b1)
+  d_var_u = 0.5 * (a1 * g_inv - gs_b2)
+  d_var_v = -0.5 * (a1 * g_inv + gs_b2)
+  d_var = jnp.concatenate([d_var_u, d_var_v], axis=-1)
+  d_mu = jnp.concatenate([d_mu_u, d_mu_v], axis=-1)
+  f = _window_mean_2d(jnp.concatenate([d_mu - 2.0 * mu * d_var, d_var], axis=-1), _runtime_one(big_l))
+  w = jnp.concatenate([x + y, x - y], axis=-1)
+  dw = f[..., :2 * c] + 2.0 * w * f[..., 2 * c:]
+  du, dv = dw[..., :c], dw[..., c:]
+  # C1 = (0.01 L)^2, C2 = (0.03 L)^2; dS/dC1 = A2 / (B1 B2) - S / B1, dS/dC2 = A1 / (B1 B2) - S / B2.
+  d_l = jnp.sum((a2 * g_inv - gs_b1) * (2e-4 * big_l) + (a1 * g_inv - gs_b2) * (1.8e-3 * big_l))
+  return du + dv, du - dv, d_l.astype(big_l.dtype)
+
+
+_ssim_map_core.defvjp(_ssim_map_fwd, _ssim_map_bwd)
+
+
 # The public losses are jitted so that eager callers compile once instead of dispatching ~400 small ops;
 # inside a caller's jit this is a no-op.
 @jax.jit
@@ -88,8 +181,9 @@ def ssim_map(x: jax.Array, y: jax.Array, *, data_range: float | jax.Array | None
   11x11 Gaussian window (sigma 1.5, separable, per channel), zero padding of 5 so the map has the
   input's size (border values are computed on zero-padded statistics, as in the original),
   sigma^2 = E[x^2] - mu^2 (population covariance; evaluated from centred sums, see
-  ``_window_moments``), C1 = (0.01 L)^2, C2 = (0.03 L)^2. No clamping. Matches a float64 evaluation to
+  ``_window_mean_var``), C1 = (0.01 L)^2, C2 = (0.03 L)^2. No clamping. Matches a float64 evaluation to
   ~1e-7 (a direct float32 E[x^2] - mu^2, as in the PyTorch original, is off by up to ~1e-4).
+  Differentiable in ``x``, ``y`` and an array ``data_range`` (reverse mode only: a custom VJP).
 
   Args:
     x: (N, H, W, C) float array; the reconstruction in DRAEM. Unless ``data_range`` is given, the
@@ -105,24 +199,7 @@ def ssim_map(x: jax.Array, y: jax.Array, *, data_range: float | jax.Array | None
   x = jnp.asarray(x, jnp.float32)
   y = jnp.asarray(y, jnp.float32)
   big_l = _dynamic_range(x) if data_range is None else jnp.asarray(data_range, jnp.float32)
-  c1 = (0.01 * big_l)**2
-  c2 = (0.03 * big_l)**2
-
-  # Separable 2-D statistics by the law of total variance: the 2-D window variance is the H-window
-  # mean of the W-window variances plus the H-window variance of the W-window means.
-  taps = _gaussian_taps()
-  row_mx, row_my, row_vx, row_vy, row_cxy = _window_moments(x, y, taps, axis=2)
-  mu_x, mu_y, between_x, between_y, between_xy = _window_moments(row_mx, row_my, taps, axis=1)
-  c = x.shape[-1]
-  within = _window_mean(jnp.concatenate([row_vx, row_vy, row_cxy], axis=-1), taps, axis=1)
-  var_x = within[..., :c] + between_x
-  var_y = within[..., c:2 * c] + between_y
-  cov_xy = within[..., 2 * c:] + between_xy
-
-  mu_xx, mu_yy, mu_xy = mu_x * mu_x, mu_y * mu_y, mu_x * mu_y
-  num = (2.0 * mu_xy + c1) * (2.0 * cov_xy + c2)
-  den = (mu_xx + mu_yy + c1) * (var_x + var_y + c2)
-  return num / den
+  return _ssim_map_core(x, y, big_l)
 
 
 def ssim(x: jax.Array, y: jax.Array, *, data_range: float | jax.Array | None = None) -> jax.Array:

@@ -85,6 +85,58 @@ def test_ssim_map_zero_padded_border_matches_float64():
   np.testing.assert_allclose(got, _zero_padded_map(x, y, 1.0), rtol=0, atol=1e-5)
 
 
+def _naive_ssim_map_jax(x, y, data_range):
+  """Float64 JAX transcription of the original (E[x^2] - mu^2, shifted-slice blur), for autodiff."""
+  k = np.arange(11) - 5.0
+  g = np.exp(-k**2 / (2 * 1.5**2))
+  g /= g.sum()
+
+  def blur(a):
+    h, w = a.shape[1:3]
+    a = jnp.pad(a, ((0, 0), (5, 5), (5, 5), (0, 0)))
+    a = sum(g[i] * a[:, i:i + h] for i in range(11))
+    return sum(g[i] * a[:, :, i:i + w] for i in range(11))
+
+  mx, my = blur(x), blur(y)
+  vx, vy, cxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+  c1, c2 = (0.01 * data_range)**2, (0.03 * data_range)**2
+  return ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("case", ["random", "similar", "flat"])
+def test_ssim_gradients_match_float64_autodiff(case):
+  # ssim_map has a hand-written reverse rule: its gradients in x, y and an array data_range must equal
+  # autodiff of the textbook formula in float64.
+  rng = np.random.default_rng(5)
+  x = rng.random((2, 24, 20, 3))
+  y = rng.random(x.shape) if case == "random" else np.clip(x + 0.1 * rng.standard_normal(x.shape), 0, 1)
+  if case == "flat":  # Low-variance patches, where SSIM is most sensitive.
+    x[:, 4:18, 3:15], y[:, 4:18, 3:15] = 0.3, 0.31
+  weights = rng.standard_normal(x.shape)
+  data_range = 1.5
+
+  def f32(a, b, big_l):
+    return jnp.sum(losses.ssim_map(a, b, data_range=big_l) * jnp.asarray(weights, jnp.float32))
+
+  got = jax.grad(f32, (0, 1, 2))(*_f32(x, y), jnp.float32(data_range))
+  with jax.enable_x64(True):
+    want = jax.grad(lambda a, b, big_l: jnp.sum(_naive_ssim_map_jax(a, b, big_l) * weights), (0, 1, 2))(
+        jnp.asarray(x), jnp.asarray(y), jnp.float64(data_range))
+    want = [np.asarray(w) for w in want]
+  for g, w in zip(got, want):
+    g = np.asarray(g, np.float64)
+    assert g.shape == w.shape
+    np.testing.assert_allclose(g, w, rtol=0, atol=2e-5 * np.abs(w).max())
+  # With data_range=None the range comes from comparisons on x: no gradient through it.
+  g_default = jax.grad(lambda a: jnp.sum(losses.ssim_map(a, _f32(y)[0]) * jnp.float32(weights)))(_f32(x)[0])
+  with jax.enable_x64(True):
+    w_default = np.asarray(jax.grad(lambda a: jnp.sum(_naive_ssim_map_jax(a, jnp.asarray(y), 1.0) * weights))(
+        jnp.asarray(x)))
+  np.testing.assert_allclose(np.asarray(g_default, np.float64), w_default, rtol=0,
+                             atol=2e-5 * np.abs(w_default).max())
+
+
 @pytest.mark.parametrize("scale,offset,data_range", [
     (255.0, 0.0, 255.0),  # max > 128: max_val 255, min_val 0.
     (2.0, -1.0, 2.0),  # min < -0.5: max_val 1, min_val -1.
