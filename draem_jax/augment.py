@@ -1,11 +1,11 @@
 """Anomaly-source augmentation: 3 of DRAEM's 10 imgaug augmenters, on device.
 
 DRAEM applies 3 distinct augmenters, drawn at random out of 10 and applied in the drawn order, to every
-anomaly-source texture before blending it into the normal image (REFERENCE.md section 3.5). The
-original works on uint8 images with imgaug; here images are float32 in [0, 1] that come from uint8
-data. Operations defined on 8-bit levels (posterize, solarize, autocontrast, equalize) quantize with
-``round(x * 255)`` inside and return ``level / 255``, so they match PIL exactly on 8-bit input; the
-other operations are computed in float without intermediate rounding.
+anomaly-source texture before blending it into the normal image (VitjanZ/DRAEM data_loader.py L80-105;
+docs/anomaly_simulation.md). The original works on uint8 images with imgaug; here images are float32 in
+[0, 1] that come from uint8 data. Operations defined on 8-bit levels (posterize, solarize, autocontrast,
+equalize) quantize with ``round(x * 255)`` inside and return ``level / 255``, so they match PIL exactly
+on 8-bit input; the other operations are computed in float without intermediate rounding.
 
 Channels are treated as RGB. (The original feeds BGR images to imgaug's RGB colour-space conversions,
 which only changes the luma weights and the hue direction of the two colour augmenters.)
@@ -535,7 +535,7 @@ def rotate(key: jax.Array, image: jax.Array) -> jax.Array:
 # ------------------------------------------------------------------------------------------------
 # Random choice of augmenters.
 
-# Reference order of DRAEM's augmenter list (REFERENCE.md 3.5, indices 0..9).
+# The order of DRAEM's augmenter list (data_loader.py L80-90, indices 0..9).
 AUGMENTERS = (gamma_contrast, multiply_and_add_to_brightness, sharpness, hue_saturation, solarize,
               posterize, invert, autocontrast, equalize, rotate)
 

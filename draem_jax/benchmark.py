@@ -49,10 +49,10 @@ import numpy as np
 
 SECTIONS = ("synthesis", "train", "infer", "scaling", "quality")
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Published per-image cost of DRAEM at full size (REFERENCE.md 1.4): forward conv FLOPs at 256x256.
+# Per-image cost of DRAEM at full size (docs/architecture.md): forward conv FLOPs at 256x256.
 FULL_FORWARD_FLOPS = 395.91e9
 FULL_TRAIN_FLOPS_PER_IMAGE = 1.19e12
-# Dense bf16 matrix peak per device, for MFU (PERF_NOTES.md). Matched against the device kind.
+# Dense bf16 matrix peak per device, for MFU (docs/performance.md). Matched against the device kind.
 PEAK_TFLOPS = {"H100": 790.0, "H200": 790.0}
 
 
@@ -155,7 +155,7 @@ class BenchConfig:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Analytic FLOPs from the layer tables (REFERENCE.md 1.2-1.4).
+# Analytic FLOPs from the layer tables (docs/architecture.md).
 # ----------------------------------------------------------------------------------------------------
 
 def _reconstructive_convs(w: int) -> list[tuple[int, int, int]]:
@@ -183,7 +183,7 @@ def _discriminative_convs(w: int) -> list[tuple[int, int, int]]:
 def conv_macs(recon_width: int, disc_width: int, height: int, width: int) -> tuple[int, int]:
   """Forward multiply-adds of all 3x3 convs for one image: (reconstructive, discriminative).
 
-  At widths 128 / 64 and 256 x 256 these are REFERENCE.md 1.4's 159,903,645,696 and 38,050,725,888.
+  At widths 128 / 64 and 256 x 256 these are docs/architecture.md's 159,903,645,696 and 38,050,725,888.
   """
   def count(layers):
     return sum(9 * cin * cout * (height >> lvl) * (width >> lvl) for lvl, cin, cout in layers)

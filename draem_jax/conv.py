@@ -1,9 +1,9 @@
 """3x3 "SAME" stride-1 convolution with a fast weight gradient on CPU.
 
-Every convolution in DRAEM is 3x3, stride 1, padding 1 (REFERENCE.md 1.1). On the CPU backend XLA's
+Every convolution in DRAEM is 3x3, stride 1, padding 1 (docs/architecture.md). On the CPU backend XLA's
 weight-gradient convolution runs at about half the speed of its forward convolution and is roughly 2/3
-of a training step (PERF_NOTES.md). For a stride-1 SAME 3x3 convolution the weight gradient is nine plain
-GEMMs, one per tap (i, j):
+of a training step (docs/performance.md). For a stride-1 SAME 3x3 convolution the weight gradient is
+nine plain GEMMs, one per tap (i, j):
 
     dW[i, j] = pad(x)[:, i:i+H, j:j+W, :].reshape(-1, Cin).T @ dy.reshape(-1, Cout),
 
@@ -31,7 +31,7 @@ from jax import lax
 Initializer = Callable[..., jax.Array]
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
-# DRAEM's init (REFERENCE.md 2): conv weights ~ N(0, 0.02).
+# DRAEM's init (VitjanZ/DRAEM train_DRAEM.py L14-20): conv weights ~ N(0, 0.02).
 DEFAULT_KERNEL_INIT: Initializer = nn.initializers.normal(stddev=0.02)
 
 

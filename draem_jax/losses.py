@@ -1,4 +1,4 @@
-"""DRAEM training losses: L2, SSIM and focal, as in the original ``loss.py`` (REFERENCE section 4).
+"""DRAEM training losses: L2, SSIM and focal, as in the original ``loss.py`` (docs/losses.md).
 
 Total loss = L2(recon, image) + (1 - SSIM(recon, image)) + focal(softmax(logits), mask), all weights 1.
 Everything is NHWC float32, pure and jittable; reductions are plain means, so under a data-parallel

@@ -1,4 +1,4 @@
-"""DRAEM's two networks (REFERENCE.md 1.1-1.3) in flax.linen, NHWC.
+"""DRAEM's two networks (docs/architecture.md; VitjanZ/DRAEM model_unet.py) in flax.linen, NHWC.
 
 ``ReconstructiveSubNetwork`` is a plain encoder-decoder (no skips, 23 convs, 22 BNs);
 ``DiscriminativeSubNetwork`` a 6-level U-Net with [up, skip] concatenation (28 convs, 27 BNs); ``DRAEM``
@@ -7,7 +7,7 @@ bias (``conv.Conv3x3``), every BN is PyTorch's BatchNorm2d (flax momentum 0.9 = 
 Conv -> BN -> ReLU, max-pool 2x2, up blocks = bilinear x2 (align_corners=True) -> Conv -> BN -> ReLU, and
 ``fin_out`` is a bare conv (no BN, no activation).
 
-Parameter tree vs. PyTorch state_dict (REFERENCE.md 1.5). Module names repeat the torch attribute names and
+Parameter tree vs. PyTorch state_dict. Module names repeat the torch attribute names and
 the ``nn.Sequential`` index of each layer, so that a converter is a rename plus a transpose:
 
   torch key (relative to one sub-network)     flax (collection, path)
@@ -47,7 +47,7 @@ BN_EPSILON = 1e-5
 
 
 def _bn_scale_init(key, shape, dtype=jnp.float32):
-  # DRAEM's weights_init: BN gamma ~ N(1, 0.02) (REFERENCE.md 2).
+  # DRAEM's weights_init (train_DRAEM.py L14-20): BN gamma ~ N(1, 0.02).
   return 1.0 + 0.02 * jax.random.normal(key, shape, dtype)
 
 
@@ -225,7 +225,7 @@ class DiscriminativeDecoder(nn.Module):
 
 
 class ReconstructiveSubNetwork(nn.Module):
-  """DRAEM's reconstructive autoencoder (REFERENCE.md 1.2): 69,048,579 params at base_width 128.
+  """DRAEM's reconstructive autoencoder (docs/architecture.md): 69,048,579 params at base_width 128.
 
   Attributes:
     base_width: channels of the first block (128 in DRAEM).
@@ -260,7 +260,7 @@ class ReconstructiveSubNetwork(nn.Module):
 
 
 class DiscriminativeSubNetwork(nn.Module):
-  """DRAEM's discriminative U-Net (REFERENCE.md 1.3): 28,374,146 params at base_width 64 with 6 inputs.
+  """DRAEM's discriminative U-Net (docs/architecture.md): 28,374,146 params at base_width 64 with 6 inputs.
 
   Attributes:
     base_width: channels of the first block (64 in DRAEM).

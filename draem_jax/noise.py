@@ -1,7 +1,8 @@
 """Perlin noise and the thresholded Perlin masks that shape DRAEM's simulated anomalies.
 
-The noise is the reference ``rand_perlin_2d_np`` (REFERENCE.md 3.3): random unit gradients on an
-(r0+1) x (r1+1) lattice, quintic fade, bilinear blend of the four corner dot products, scaled by sqrt(2).
+The noise is the reference ``rand_perlin_2d_np`` (VitjanZ/DRAEM perlin.py L46-65;
+docs/anomaly_simulation.md): random unit gradients on an (r0+1) x (r1+1) lattice, quintic fade, bilinear
+blend of the four corner dot products, scaled by sqrt(2).
 
 Unlike the reference, the lattice resolution may be a *traced* value. The angles live in a fixed-size
 table for the largest resolution R; the image is split into R x R fine cells, each fine cell looks up the
@@ -65,7 +66,7 @@ def _axis(n: int, lattice: int, r: jax.Array) -> tuple[jax.Array, jax.Array, int
 
 def perlin_from_angles(angles: jax.Array, shape: Sequence[int],
                        res: Sequence[int] | jax.Array | None = None) -> jax.Array:
-  """Deterministic Perlin noise from lattice gradient angles (REFERENCE.md 3.3).
+  """Deterministic Perlin noise from lattice gradient angles (perlin.py L46-65).
 
   Args:
     angles: (A0, A1) float gradient angles in radians; the gradient at lattice corner (i, j) is
@@ -137,7 +138,7 @@ def perlin(key: jax.Array, shape: Sequence[int], res: Sequence[int]) -> jax.Arra
 
 def perlin_mask(key: jax.Array, shape: Sequence[int], *, threshold: float | jax.Array = 0.5,
                 max_log2_res: int = 6, rotate_degrees: float = 90.0) -> jax.Array:
-  """DRAEM's binary anomaly mask for one example (REFERENCE.md 3.3-3.4).
+  """DRAEM's binary anomaly mask for one example (data_loader.py L109-122).
 
   Draws res = (2^a, 2^b) with a, b independent and uniform in {0, ..., max_log2_res - 1}, Perlin noise at
   that resolution, rotates it by U(-rotate_degrees, rotate_degrees) (bilinear, zero fill, so rotated-in

@@ -1,4 +1,4 @@
-"""Anomaly maps and image scores from the discriminative network's logits (REFERENCE section 6).
+"""Anomaly maps and image scores from the discriminative network's logits (docs/evaluation.md).
 
 Pixel score = softmax probability of the "anomalous" channel; image score = max of that map after a
 21x21 mean filter (original DRAEM, paper Eq. 5), or the max of the raw map (anomalib).

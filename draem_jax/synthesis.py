@@ -1,13 +1,16 @@
 """On-device anomaly synthesis: DRAEM's training triples (clean target, anomalous input, mask).
 
-Per example (REFERENCE.md 3.2-3.7): optionally rotate the normal image, draw a Perlin mask, pick and
-augment an anomaly-source texture, blend it into the image inside the mask, and with probability 0.5
-discard the anomaly. Every random choice comes from the example's own key (``prng.example_keys``), so an
-example's result depends neither on the batch size nor on how the batch is sharded.
+Per example (VitjanZ/DRAEM data_loader.py L107-157; docs/anomaly_simulation.md): optionally rotate the
+normal image, draw a Perlin mask, pick and augment an anomaly-source texture, blend it into the image
+inside the mask, and with probability 0.5 discard the anomaly. Every random choice comes from the
+example's own key (``prng.example_keys``), so an example's result depends neither on the batch size nor
+on how the batch is sharded.
 
 Deviations from the reference, all deliberate: images and sources are rotated/augmented in float32
-instead of uint8 (no rounding to 1/255 steps), and the work of the no-anomaly branch is computed and
-discarded for every example (a per-example branch becomes a select under vmap anyway).
+instead of uint8 (no rounding to 1/255 steps), and the reference's wasted work is skipped where the
+backend allows: on CPU (a sequential ``lax.map``) the ``lax.cond`` branches run only when taken, so a
+clean example computes no noise, texture or blend and an unrotated one no rotation; under ``vmap``
+(accelerators) the branches become selects and both are computed, with the same result.
 """
 
 import dataclasses
@@ -73,7 +76,7 @@ class SynthesisConfig:
 
   @classmethod
   def paper(cls, **overrides) -> "SynthesisConfig":
-    """The paper's settings (REFERENCE.md 3.10) where they differ from the code.
+    """The paper's settings (docs/paper_vs_code.md) where they differ from the code.
 
     Normal-image rotation in (-45, 45) degrees and texture weight beta ~ U[0.1, 1.0]. The paper gives no
     rotation probability; we keep the code's 0.3, so that only what the paper states changes (rotating
@@ -141,7 +144,7 @@ def sample_choices(key: jax.Array, num_sources: int,
 
 def blend(image: jax.Array, texture: jax.Array, mask: jax.Array,
           texture_weight: jax.Array | float) -> jax.Array:
-  """DRAEM's blend (REFERENCE.md 3.6): (1 - M) I + w (M A) + (1 - w) (M I).
+  """DRAEM's blend (data_loader.py L124-129): (1 - M) I + w (M A) + (1 - w) (M I).
 
   Args:
     image: (H, W, 3) float32 normal image I.
@@ -185,7 +188,7 @@ def _synthesize_one(key: jax.Array, image: jax.Array, sources: jax.Array,
 def synthesize(key: jax.Array, images: jax.Array, sources: jax.Array, *,
                config: SynthesisConfig = SynthesisConfig(),
                sequential: bool | None = None) -> Synthesized:
-  """Simulates anomalies on a batch of normal images (REFERENCE.md 3.2-3.7).
+  """Simulates anomalies on a batch of normal images (docs/anomaly_simulation.md).
 
   Jittable with ``config`` static; vmapped over examples, so a batch sharded on its first axis stays
   sharded. Example i uses ``prng.example_keys(key, N)[i]`` only.

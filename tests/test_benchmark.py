@@ -1,4 +1,4 @@
-"""Tests for draem_jax.benchmark: analytic FLOPs against REFERENCE.md 1.4, flags, and a tiny in-process run.
+"""Tests for draem_jax.benchmark: analytic FLOPs vs docs/architecture.md, flags, and a tiny in-process run.
 
 No timing assertions: only that the report has its fields, that every number is positive and finite, and
 that ratios are absent with a reason when anomalib is not used.
@@ -21,14 +21,14 @@ def _positive_finite(value) -> bool:
 
 
 def test_conv_macs_match_reference_tables():
-  # REFERENCE.md 1.4, verified there with torch's FlopCounterMode on the original model_unet.py.
+  # docs/architecture.md: MACs of the original model_unet.py's layer lists at 256x256.
   recon, disc = benchmark.conv_macs(128, 64, 256, 256)
   assert recon == 159_903_645_696
   assert disc == 38_050_725_888
   assert 2 * (recon + disc) / 1e9 == pytest.approx(395.91, abs=0.005)
   assert benchmark.train_flops_per_image(128, 64, 256, 256) == pytest.approx(
       benchmark.FULL_TRAIN_FLOPS_PER_IMAGE, rel=0.01)
-  # Conv weight counts of the same layer lists are REFERENCE.md 1.4's 69,016,320 and 28,353,024.
+  # Conv weight counts of the same layer lists are docs/architecture.md's 69,016,320 and 28,353,024.
   assert sum(9 * i * o for _, i, o in benchmark._reconstructive_convs(128)) == 69_016_320
   assert sum(9 * i * o for _, i, o in benchmark._discriminative_convs(64)) == 28_353_024
 

@@ -1,4 +1,4 @@
-"""Tests for draem_jax.models against REFERENCE.md section 1-2 and float64 NumPy transcriptions.
+"""Tests for draem_jax.models against docs/architecture.md (the original model_unet.py) and float64 NumPy.
 
 Full-size models are only traced (jax.eval_shape). Computations run at width 8 with parameters filled
 by NumPy, because compiling flax's init (one threefry draw per parameter) costs far more CPU than the
@@ -58,7 +58,7 @@ def _np_conv(x, p):
 
 
 class _NpNet:
-  """Float64 NumPy DRAEM written from the tables of REFERENCE.md 1.2-1.3.
+  """Float64 NumPy DRAEM written from the tables of docs/architecture.md.
 
   BatchNorm in train mode normalises with the biased batch statistics and records the running-stat update
   with PyTorch momentum 0.1; in eval mode it uses the stored running statistics.
@@ -153,7 +153,7 @@ def _num_leaves(tree, leaf):
 
 
 def test_parameter_counts_default_widths():
-  # REFERENCE.md 1.4, verified there against the original model_unet.py.
+  # docs/architecture.md: the counts of the original model_unet.py's layer lists.
   recon = _shapes(models.ReconstructiveSubNetwork(), (1, 256, 256, 3))
   disc = _shapes(models.DiscriminativeSubNetwork(), (1, 256, 256, 6))
   assert _count(recon["params"]) == 69_048_579
@@ -169,7 +169,7 @@ def test_parameter_counts_default_widths():
   assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(both))  # float32 params even for bf16.
 
 
-# Conv (Cin, Cout) per torch Sequential, transcribed from the tables of REFERENCE.md 1.2 and 1.3.
+# Conv (Cin, Cout) per torch Sequential, transcribed from the tables of docs/architecture.md.
 _RECON_CONVS = {
     "encoder.block1": [(3, 128), (128, 128)], "encoder.block2": [(128, 256), (256, 256)],
     "encoder.block3": [(256, 512), (512, 512)], "encoder.block4": [(512, 1024), (1024, 1024)],
@@ -219,7 +219,7 @@ def _torch_state_dict_shapes(convs):
 ])
 def test_param_tree_mirrors_torch_state_dict(model, in_channels, convs, num_tensors):
   torch_shapes = _torch_state_dict_shapes(convs)
-  assert len(torch_shapes) == num_tensors  # REFERENCE.md 1.4 "state_dict tensors".
+  assert len(torch_shapes) == num_tensors  # state_dict tensors, docs/architecture.md.
   flat = flax.traverse_util.flatten_dict(_shapes(model, (1, 64, 64, in_channels)))
   mapped = {}
   for key, shape in torch_shapes.items():

@@ -15,7 +15,10 @@ RES_PAIRS = np.array(list(itertools.product(POWERS, POWERS)), np.int32)  # all 3
 
 
 def perlin_numpy(angles: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-  """REFERENCE.md 3.3 in float64 NumPy: mgrid grid, np.repeat-tiled corner gradients, quintic fade."""
+  """The original rand_perlin_2d_np (VitjanZ/DRAEM perlin.py L46-65) in float64 NumPy.
+
+  mgrid grid, np.repeat-tiled corner gradients, quintic fade.
+  """
   h, w = shape
   r0, r1 = angles.shape[0] - 1, angles.shape[1] - 1
   cell = (h // r0, w // r1)
@@ -95,8 +98,8 @@ def test_perlin_is_zero_on_lattice_points_and_keyed():
 
 
 def test_mask_statistics_match_published_numbers():
-  # REFERENCE.md 3.4: 3,000 draws at 256 x 256 before rotation: 5.4 % mean area (median 5.3 %, 90th
-  # percentile 7.8 %) and 4.8 % empty masks.
+  # The original generator's statistics (docs/anomaly_simulation.md), 3,000 draws at 256 x 256 before
+  # rotation: 5.4 % mean area (median 5.3 %, 90th percentile 7.8 %) and 4.8 % empty masks.
   coverage_fn = jax.jit(
       lambda k: noise.perlin_masks(k, 500, (256, 256), rotate_degrees=0.0).mean(axis=(1, 2)))
   key = jax.random.key(2021)

@@ -84,7 +84,8 @@ def test_label_and_rotation_frequencies(stand_in_augment, images, sources):
   parts = [jax.device_get(fn(k, images[16 * i:16 * i + 16], sources)) for i, k in enumerate(keys)]
   out = synthesis.Synthesized(*(np.concatenate(field) for field in zip(*parts)))
   c = jax.tree.map(lambda *x: np.concatenate(x), *[choices(k, 16) for k in keys])
-  # REFERENCE.md 3.7: P(no anomaly) = 0.5 and ~47.6 % of examples carry an anomaly; 3.2: P(rotate) = 0.3.
+  # VitjanZ/DRAEM data_loader.py L131-141: P(no anomaly) = 0.5 and ~47.6 % of examples carry an anomaly;
+  # L148-150: P(rotate) = 0.3 (docs/anomaly_simulation.md).
   # Tolerances are about 3.5 standard errors for n = 512.
   assert abs(np.mean(~c.anomaly) - 0.5) < 0.08
   assert abs(out.has_anomaly.mean() - 0.476) < 0.08

@@ -1,7 +1,7 @@
-"""PyTorch transcription of DRAEM's two networks (REFERENCE.md 1.1-1.3), for converter tests only.
+"""PyTorch transcription of DRAEM's two networks (VitjanZ/DRAEM model_unet.py), for converter tests only.
 
 Written from the specification, not from the original code. Attribute names and ``nn.Sequential``
-indices reproduce the original state_dict keys (REFERENCE.md 1.5): ``encoder.block1.{0,1,3,4}``,
+indices reproduce the original state_dict keys (docs/architecture.md): ``encoder.block1.{0,1,3,4}``,
 ``decoder.up1.{1,2}``, ``decoder.db1.{0,1,3,4}``, ``decoder.fin_out.0``; ``encoder_segment.*``,
 ``decoder_segment.{up_b, db_b, up1..4, db1..4, fin_out.0}``. Importing this module requires torch.
 """
@@ -154,6 +154,6 @@ class AnomalibDraemModel(nn.Module):
     self.discriminative_subnetwork = DiscriminativeSubNetwork(base_channels=disc_width)
 
   def forward(self, x):
-    # anomalib feeds the discriminator [image, reconstruction] (REFERENCE.md 8).
+    # anomalib feeds the discriminator [image, reconstruction] (docs/paper_vs_code.md).
     return draem_forward(self.reconstructive_subnetwork, self.discriminative_subnetwork, x,
                          image_first=True)

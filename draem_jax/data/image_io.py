@@ -1,7 +1,7 @@
 """Host-side image decoding and OpenCV-compatible bilinear resizing (NumPy + PIL, no OpenCV needed).
 
 The reference DRAEM reads every image with ``cv2.imread`` and shrinks it with ``cv2.resize(...,
-INTER_LINEAR)``, and its pixel ground truth is "bilinearly resized mask == 255" (REFERENCE.md 3.1, 6).
+INTER_LINEAR)``, and its pixel ground truth is "bilinearly resized mask == 255" (docs/evaluation.md).
 This module reproduces both on the host:
 
 * ``load_rgb``: any PIL-readable file -> uint8 RGB. Note the channel order: RGB, where the reference
@@ -282,9 +282,9 @@ def load_mask(path: str | os.PathLike, size: tuple[int, int],
   size of its image was):
 
   * ``"reference"``: OpenCV-exact bilinear resize, positive only where the result is exactly 255 --
-    the reference's ``(resized / 255).astype(uint8)`` truncation (REFERENCE.md 6), so anti-aliased
-    boundary pixels become negatives. For masks that are already 0/255 (MVTec) this is bit-identical
-    to the reference, which resizes the raw mask without thresholding.
+    the reference's ``(resized / 255).astype(uint8)`` truncation (VitjanZ/DRAEM test_DRAEM.py L122), so
+    anti-aliased boundary pixels become negatives. For masks that are already 0/255 (MVTec) this is
+    bit-identical to the reference, which resizes the raw mask without thresholding.
   * ``"nearest"``: nearest-neighbour resize with half-pixel centres.
 
   Args:
