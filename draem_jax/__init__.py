@@ -1,17 +1,19 @@
 """draem_jax: DRAEM surface-anomaly detection (Zavrtanik et al., ICCV 2021) in JAX/Flax.
 
-Library modules (pure, jittable functions on NHWC float32 arrays in [0, 1]):
+``import draem_jax`` gives the core library (pure, jittable functions on NHWC arrays; images float32 in
+[0, 1]):
 
-* ``noise``: on-device Perlin noise and anomaly masks.
+* ``noise``: Perlin noise and anomaly masks, on device.
 * ``augment``: the ten anomaly-source augmenters and ``random_augment``.
-* ``synthesis``: ``synthesize`` -- masks + augmented textures blended into normal images.
+* ``synthesis``: ``synthesize`` -- masks and augmented textures blended into normal images.
 * ``models``: ``ReconstructiveSubNetwork``, ``DiscriminativeSubNetwork`` and ``DRAEM`` (flax.linen).
 * ``losses``: SSIM, L2, focal and ``draem_loss``.
-* ``scoring``: anomaly maps and the pooled image score.
-* ``metrics``: exact image/pixel AUROC, AP, F1-max and AUPRO (NumPy).
-* ``steps``: train state, optimizer, the train step and inference.
+* ``scoring``: anomaly maps and the mean-filtered image score.
+* ``metrics``: exact image/pixel AUROC, AP, F1-max and AUPRO (NumPy, host side).
 
-Programs: ``python -m draem_jax.train | evaluate | predict | convert | summary | benchmark``.
+Training (``steps``, ``train``), data (``draem_jax.data``), the run directory (``rundir``,
+``checkpointing``), evaluation and prediction live in their own modules; docs/architecture.md maps them
+all. Programs: ``python -m draem_jax.train | evaluate | predict | convert | summary``.
 """
 
 from draem_jax import augment
