@@ -69,21 +69,3 @@ def test_restore_into_a_sharding_and_model_only(tmp_path):
   assert all(leaf.sharding == repl and len(leaf.sharding.device_set) == 8 for leaf in jax.tree.leaves(got))
   with pytest.raises(checkpointing.NoCheckpointError, match="model-only weights"):
     checkpointing.restore_intact(tmp_path, abstract, checkpointing.abstract_like(train))
-
-
-def test_damaged_newest_checkpoint_is_set_aside(tmp_path):
-  model, train = _trees()
-  with checkpointing.manager(tmp_path, keep=None, async_save=False) as mngr:
-    checkpointing.save(mngr, 1, model, train)
-    checkpointing.save(mngr, 2, model, train)
-  newest = tmp_path / checkpointing.CHECKPOINT_DIR / "2" / "model"
-  for f in newest.rglob("*"):
-    if f.is_file() and f.stat().st_size > 0:
-      f.write_bytes(b"")  # truncate every file of the newest model item
-  step, got, got_train = checkpointing.restore_intact(
-      tmp_path, checkpointing.abstract_like(model), checkpointing.abstract_like(train))
-  assert step == 1
-  _assert_bit_equal(got, model)
-  _assert_bit_equal(got_train, train)
-  assert checkpointing.all_steps(tmp_path) == [1]
-  assert [p.name.split(".")[0] for p in (tmp_path / checkpointing.DAMAGED_DIR).iterdir()] == ["2"]

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from draem_jax.data import demo
+from draem_jax.data import folder
 
 SMALL = dict(image_size=64, num_train=6, num_test_good=3, num_test_defect=8, seed=0)
 
@@ -115,9 +116,6 @@ def test_bad_arguments():
 
 
 def test_folder_reader_loads_the_demo(small_category):
-  folder = pytest.importorskip("draem_jax.data.folder")
-  if not hasattr(folder, "load_category"):
-    pytest.skip("draem_jax.data.folder.load_category not available yet")
   root, _ = small_category
   train = folder.load_category(root, "demo_fabric", image_size=(64, 64), split="train")
   test = folder.load_category(root, "demo_fabric", image_size=(64, 64), split="test")

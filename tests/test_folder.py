@@ -1,7 +1,6 @@
 """Tests for draem_jax.data.folder on generated MVTec-layout trees and on the real piped_mvtec data."""
 
 import os
-import time
 
 import numpy as np
 import pytest
@@ -227,17 +226,3 @@ def test_piped_mvtec_all_categories(shared_data):
       # defect images); a misplaced mask would average over paper instead.
       assert grey[i][m].mean() < grey[i][~m].mean() - 10, data.paths[i]
   assert snapshot(root) == before
-
-
-def test_piped_mvtec_load_time(shared_data):
-  root = shared_data / "piped_mvtec"
-  sizes = {c: sum(f.stat().st_size for f in (root / c).rglob("*.png"))
-           for c in folder.list_categories(root)}
-  biggest = max(sizes, key=sizes.get)
-  for split in ("train", "test"):
-    t = time.perf_counter()
-    data = folder.load_category(root, biggest, image_size=(256, 256), split=split)
-    dt = time.perf_counter() - t
-    print(f"load_category({biggest}, {split}, 256x256): {len(data)} images, {dt:.3f} s, "
-          f"{data.nbytes / 1e6:.1f} MB")
-    assert data.images.shape[1:] == (256, 256, 3)

@@ -73,12 +73,6 @@ def test_cli_error_is_one_line(tmp_path):
   assert (tmp_path / "summary.md").read_text() == "mine"
 
 
-def test_published_module_prints_categories_for_the_launchers():
-  out = subprocess.run([sys.executable, "-m", "draem_jax.published"], capture_output=True, text=True,
-                       timeout=120, check=True)
-  assert out.stdout.split() == list(published.CATEGORIES)
-
-
 def test_collect_missing_root(tmp_path):
   with pytest.raises(FileNotFoundError, match="not a folder"):
     summary.collect(tmp_path / "absent")
