@@ -20,41 +20,38 @@ jax.config.update("jax_num_cpu_devices", per_process)
 if nproc > 1:
   jax.distributed.initialize(f"localhost:{port}", nproc, pid, initialization_timeout=90)
 
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from draem_jax import parallel  # noqa: E402
+from draem_jax import recipes  # noqa: E402
 from draem_jax import steps  # noqa: E402
 from draem_jax import synthesis  # noqa: E402
-from draem_jax.data import pipeline  # noqa: E402
 
 SIZE, BATCH, NUM_STEPS = 32, 8, 3
 
 
 def main():
-  config = ml_collections.ConfigDict(dict(
-      batch_size=BATCH, num_epochs=10, learning_rate=1e-3, lr_schedule="original",
-      model=dict(recon_width=4, disc_width=4, dtype="float32")))
+  config = recipes.tiny()
+  config.update(dict(batch_size=BATCH, num_epochs=10, learning_rate=1e-3, image_size=SIZE))
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (12, SIZE, SIZE, 3), dtype=np.uint8)
   sources = rng.integers(0, 256, (4, SIZE, SIZE, 3), dtype=np.uint8)
 
   mesh = parallel.make_mesh()
-  repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
+  repl = parallel.replicated(mesh)
   model = steps.build_model(config)
   schedule = steps.learning_rate_schedule(config, len(images))
   tx = steps.make_optimizer(schedule)
   key = jax.jit(jax.random.key, out_shardings=repl)(0)
   state = jax.jit(lambda k: steps.create_train_state(model, tx, k, (SIZE, SIZE)),
                   out_shardings=repl)(key)
-  step_fn = jax.jit(steps.make_train_step(model, tx, synthesis.SynthesisConfig(), schedule),
-                    in_shardings=(repl, data, repl), out_shardings=(repl, repl), donate_argnums=0)
-  src = jax.device_put(sources, repl)
+  step_fn = steps.jit_train_step(mesh, model=model, tx=tx, synthesis_config=synthesis.SynthesisConfig(),
+                                 schedule=schedule, batch_size=BATCH, data_seed=0)
+  images, sources = jax.device_put(images, repl), jax.device_put(sources, repl)
   losses = []
-  with pipeline.TrainIterator(images, BATCH, seed=0, sharding=data) as it:
-    for _ in range(NUM_STEPS):
-      state, metrics = step_fn(state, next(it), src)
-      losses.append(float(jax.device_get(metrics["loss"])))
+  for _ in range(NUM_STEPS):
+    state, metrics = step_fn(state, images, sources)
+    losses.append(float(jax.device_get(metrics["loss"])))
   stats = float(sum(np.sum(np.asarray(x)) for x in jax.tree.leaves(jax.device_get(state.batch_stats))))
   if pid == 0:
     print(json.dumps({"losses": losses, "batch_stats_sum": stats,

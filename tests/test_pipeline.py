@@ -1,9 +1,5 @@
 """Tests for draem_jax.parallel and draem_jax.data.pipeline (8 simulated CPU devices)."""
 
-import gc
-import threading
-import time
-
 import jax
 import numpy as np
 import pytest
@@ -20,7 +16,7 @@ def _images(n, h=4, w=5, seed=0):
 def _reference_stream(seed, num_images, first_epoch, num_epochs):
   """The stream of an epoch written independently: the epochs' permutations back to back."""
   return np.concatenate([
-      np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(e,))).permutation(num_images)
+      np.asarray(jax.random.permutation(jax.random.fold_in(jax.random.key(seed), e), num_images))
       for e in range(first_epoch, first_epoch + num_epochs)])
 
 
@@ -76,8 +72,9 @@ def test_every_image_once_per_epoch(num_images, batch_size):
   seed = 3
   spe = pipeline.steps_per_epoch(num_images, batch_size)
   assert spe == int(np.ceil(num_images / batch_size))
+  indices = jax.jit(pipeline.batch_indices, static_argnums=(1, 2, 3))
   for epoch in range(3):
-    got = np.concatenate([pipeline.train_batch_indices(s, num_images, batch_size, seed)
+    got = np.concatenate([np.asarray(indices(s, num_images, batch_size, seed))
                           for s in range(epoch * spe, (epoch + 1) * spe)])
     assert got.shape == (spe * batch_size,)
     # The first N slots of the epoch are a permutation: every image exactly once.
@@ -87,141 +84,28 @@ def test_every_image_once_per_epoch(num_images, batch_size):
     np.testing.assert_array_equal(got, ref[:spe * batch_size])
 
 
-def test_stream_depends_on_seed_and_epoch():
-  a = [pipeline.train_batch_indices(s, 50, 50, 0) for s in range(3)]
-  b = pipeline.train_batch_indices(0, 50, 50, 1)
+def test_stream_is_a_function_of_step_and_seed_only():
+  a = [np.asarray(pipeline.batch_indices(s, 50, 50, 0)) for s in range(3)]
+  b = np.asarray(pipeline.batch_indices(0, 50, 50, 1))
   assert not np.array_equal(a[0], a[1]) and not np.array_equal(a[1], a[2])
   assert not np.array_equal(a[0], b)
-  np.testing.assert_array_equal(a[1], pipeline.train_batch_indices(1, 50, 50, 0))
+  # A restart at step 1 (concrete or traced step) gives the same batch.
+  np.testing.assert_array_equal(a[1], pipeline.batch_indices(1, 50, 50, 0))
+  traced = jax.jit(lambda s: pipeline.batch_indices(s, 50, 50, 0))(np.int32(1))
+  np.testing.assert_array_equal(a[1], traced)
 
 
-def test_stream_bad_arguments():
-  with pytest.raises(ValueError, match="empty"):
-    pipeline.train_batch_indices(0, 0, 4, 0)
-  with pytest.raises(ValueError, match="step=-1"):
-    pipeline.train_batch_indices(-1, 10, 4, 0)
+def test_bad_training_images_are_named():
   with pytest.raises(ValueError, match="uint8"):
-    pipeline.TrainIterator(np.zeros((4, 8, 8, 3), np.float32), 4, 0)
+    pipeline.check_train_images(np.zeros((4, 8, 8, 3), np.float32))
+  with pytest.raises(ValueError, match="empty"):
+    pipeline.check_train_images(np.zeros((0, 8, 8, 3), np.uint8))
 
 
-def test_two_simulated_processes_give_the_one_process_rows():
-  images = _images(11)
-  for step in range(8):
-    whole = pipeline.local_train_rows(images, step, 6, 5, 0, 1)
-    parts = [pipeline.local_train_rows(images, step, 6, 5, p, 2) for p in range(2)]
-    assert parts[0].shape == (3, 4, 5, 3)
-    np.testing.assert_array_equal(np.concatenate(parts), whole)
-    np.testing.assert_array_equal(whole, images[pipeline.train_batch_indices(step, 11, 6, 5)])
-  # The same through the prefetching iterator in host mode.
-  iters = [pipeline.TrainIterator(images, 6, 5, 0, p, 2, end_step=5) for p in range(2)]
-  with iters[0], iters[1]:
-    for step, (a, b) in enumerate(zip(*iters)):
-      expect = images[pipeline.train_batch_indices(step, 11, 6, 5)].astype(np.float32) / 255
-      assert a.dtype == np.float32
-      np.testing.assert_array_equal(np.concatenate([a, b]), expect)
-
-
-def test_restart_reproduces_the_stream():
-  images = _images(9)
-  with pipeline.TrainIterator(images, 4, 7, end_step=10) as it:
-    full = list(it)
-  assert len(full) == 10
-  with pipeline.TrainIterator(images, 4, 7, start_step=6) as it:
-    assert it.next_step == 6
-    resumed = [next(it) for _ in range(4)]
-    assert it.next_step == 10
-  for a, b in zip(full[6:], resumed):
-    np.testing.assert_array_equal(a, b)
-
-
-def test_global_batch_on_8_devices():
-  mesh = parallel.make_mesh()
-  sharding = parallel.data_sharding(mesh)
-  images = _images(13, 6, 4)
-  with pipeline.TrainIterator(images, 16, 1, start_step=2, sharding=sharding) as it:
-    batches = [next(it) for _ in range(2)]
-  for step, batch in zip((2, 3), batches):
-    assert isinstance(batch, jax.Array)
-    assert batch.shape == (16, 6, 4, 3) and batch.dtype == np.float32
-    assert batch.sharding.is_equivalent_to(sharding, 4)
-    expect = images[pipeline.train_batch_indices(step, 13, 16, 1)].astype(np.float32) / 255
-    # /255 on device is bit-identical to NumPy's float32 division.
-    np.testing.assert_array_equal(np.asarray(batch), expect)
-    for shard in batch.addressable_shards:
-      assert shard.data.shape == (2, 6, 4, 3)
-      np.testing.assert_array_equal(np.asarray(shard.data), expect[shard.index])
-
-
-def test_batch_not_divisible_by_devices_raises():
-  sharding = parallel.data_sharding(parallel.make_mesh())
-  with pytest.raises(ValueError, match=r"batch_size=12 .*device count 8"):
-    pipeline.TrainIterator(_images(20), 12, 0, sharding=sharding)
-  with pytest.raises(ValueError, match="process_count=2"):
-    pipeline.TrainIterator(_images(20), 16, 0, 0, 0, 2, sharding)
-
-
-class _FlakyLoader:
-  """Lazy loader that fails on its ``fail_at``-th call and counts calls."""
-
-  def __init__(self, images, fail_at=None):
-    self.images, self.fail_at, self.calls = images, fail_at, 0
-
-  def __len__(self):
-    return len(self.images)
-
-  def __getitem__(self, idx):
-    self.calls += 1
-    if self.calls == self.fail_at:
-      raise OSError("disk on fire")
-    return self.images[idx]
-
-
-def test_prefetch_thread_propagates_exceptions():
-  loader = _FlakyLoader(_images(8), fail_at=3)
-  it = pipeline.TrainIterator(loader, 4, 0)
-  next(it), next(it)
-  with pytest.raises(OSError, match="disk on fire"):
-    next(it)
-  assert not it.alive
-  with pytest.raises(StopIteration):
-    next(it)
-
-
-def test_loader_returning_wrong_rows_is_reported():
-  class Bad(_FlakyLoader):
-    def __getitem__(self, idx):
-      return super().__getitem__(idx).astype(np.float32)
-  with pipeline.TrainIterator(Bad(_images(8)), 4, 0) as it:
-    with pytest.raises(ValueError, match="expected uint8"):
-      next(it)
-
-
-def test_prefetch_is_bounded_and_closes_cleanly():
-  loader = _FlakyLoader(_images(8))
-  before = threading.active_count()
-  it = pipeline.TrainIterator(loader, 4, 0, prefetch=2)
-  deadline = time.monotonic() + 10
-  while loader.calls < 3 and time.monotonic() < deadline:
-    time.sleep(0.01)
-  time.sleep(0.2)
-  # 2 queued + at most 1 built and waiting for room: the producer runs ahead but stays bounded.
-  assert loader.calls == 3
-  assert it.alive
-  it.close()
-  assert not it.alive
-  assert threading.active_count() == before
-  it.close()  # idempotent
-
-
-def test_dropping_the_iterator_stops_its_thread():
-  it = pipeline.TrainIterator(_images(8), 4, 0, prefetch=1)
-  thread = it._thread  # pylint: disable=protected-access
-  next(it)
-  del it
-  gc.collect()
-  thread.join(5)
-  assert not thread.is_alive()
-
+def test_unit_float_on_device_equals_numpy():
+  x = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, -1)
+  np.testing.assert_array_equal(np.asarray(pipeline.to_unit_float_device(x)),
+                                x.astype(np.float32) / np.float32(255))
 
 # ---------------------------------------------------------------------------------------- evaluation
 

@@ -3,23 +3,23 @@
 import chex
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from draem_jax import models
 from draem_jax import parallel
+from draem_jax import recipes
 from draem_jax import steps
 from draem_jax import synthesis
+from draem_jax.data import pipeline
 
 SIZE = 32
 BATCH = 8
 
 
 def tiny_config(**overrides):
-  c = ml_collections.ConfigDict(dict(
-      batch_size=BATCH, num_epochs=10, learning_rate=1e-4, lr_schedule="original",
-      model=dict(recon_width=4, disc_width=4, dtype="float32")))
+  c = recipes.tiny()
+  c.update(dict(batch_size=BATCH, num_epochs=10, learning_rate=1e-4, image_size=SIZE))
   c.update(overrides)
   return c
 
@@ -44,8 +44,8 @@ def test_original_schedule_decays_at_80_and_90_percent():
                              [1e-4, 1e-4, 2e-5, 2e-5, 4e-6, 4e-6], rtol=1e-6)
 
 
-def test_original_schedule_for_700_epochs_matches_reference():
-  # REFERENCE.md 5: lr 1e-4 for epochs 0-559, 2e-5 for 560-629, 4e-6 for 630-699 (bottle: 27 steps/epoch).
+def test_original_schedule_for_700_epochs_matches_the_original_code():
+  # MultiStepLR at epochs 560 and 630 of 700 (x0.2): lr 1e-4 for epochs 0-559, 2e-5 for 560-629, 4e-6 for 630-699 (bottle: 27 steps/epoch).
   sched = steps.learning_rate_schedule(tiny_config(num_epochs=700), num_train_images=209)
   spe = steps.steps_per_epoch(209, 8)
   assert spe == 27
@@ -55,26 +55,31 @@ def test_original_schedule_for_700_epochs_matches_reference():
 
 
 def test_paper_schedule():
-  sched = steps.learning_rate_schedule(tiny_config(num_epochs=700, lr_schedule="paper"), 16)
+  paper = recipes.mvtec("bottle", ("paper",))
+  sched = steps.learning_rate_schedule(
+      tiny_config(num_epochs=700, lr_decay_fractions=paper.lr_decay_fractions,
+                  lr_decay_factor=paper.lr_decay_factor), 16)
   np.testing.assert_allclose([sched(799), sched(800), sched(1199), sched(1200)],
                              [1e-4, 1e-5, 1e-5, 1e-6], rtol=1e-6)
 
 
-def test_bad_schedule_and_dtype_name_the_field():
-  with pytest.raises(ValueError, match="lr_schedule"):
-    steps.learning_rate_schedule(tiny_config(lr_schedule="cosine"), 16)
+def test_bad_dtype_names_the_field():
   with pytest.raises(ValueError, match="model.dtype"):
     steps.build_model(tiny_config(model=dict(recon_width=4, disc_width=4, dtype="float16")))
 
 
-def _run_grad_fn(model, state, images, sources, num_devices):
+def _run_steps(model, tx, schedule, state, images, sources, num_devices, num_steps=2):
   mesh = parallel.make_mesh(jax.devices()[:num_devices])
-  repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
-  grad_fn = jax.jit(steps.make_grad_fn(model, synthesis.SynthesisConfig()),
-                    in_shardings=(repl, data, repl), out_shardings=repl)
-  out = grad_fn(jax.device_put(state, repl), jax.device_put(images, data),
-                jax.device_put(sources, repl))
-  return jax.device_get(out)
+  repl = parallel.replicated(mesh)
+  step_fn = steps.jit_train_step(mesh, model=model, tx=tx, synthesis_config=synthesis.SynthesisConfig(),
+                                 schedule=schedule, batch_size=BATCH, data_seed=0)
+  s = jax.device_put(jax.tree.map(jnp.copy, state), repl)
+  images, sources = jax.device_put(images, repl), jax.device_put(sources, repl)
+  history = []
+  for _ in range(num_steps):
+    s, metrics = step_fn(s, images, sources)
+    history.append(jax.device_get(metrics))
+  return jax.device_get(s), history
 
 
 def _relative_difference(a, b):
@@ -84,17 +89,20 @@ def _relative_difference(a, b):
   return np.sqrt(diff / norm)
 
 
+@pytest.mark.numerics
 def test_one_vs_eight_devices_same_loss_and_batch_stats(setup):
-  model, _, _, state, images, sources = setup
-  _, stats1, metrics1 = _run_grad_fn(model, state, images, sources, 1)
-  _, stats8, metrics8 = _run_grad_fn(model, state, images, sources, 8)
+  """The whole jitted step (images picked on device, synthesis, both nets) on 1 and on 8 devices."""
+  model, tx, schedule, state, images, sources = setup
+  s1, h1 = _run_steps(model, tx, schedule, state, images, sources, 1, num_steps=1)
+  s8, h8 = _run_steps(model, tx, schedule, state, images, sources, 8, num_steps=1)
   for k in ("loss", "l2", "ssim", "focal", "anomaly_fraction"):
-    np.testing.assert_allclose(metrics8[k], metrics1[k], rtol=2e-6, err_msg=k)
+    np.testing.assert_allclose(h8[0][k], h1[0][k], rtol=2e-6, err_msg=k)
   # BN statistics are global over the batch (GSPMD all-reduce), so they match the 1-device run.
-  chex.assert_trees_all_close(stats8, stats1, rtol=1e-5, atol=1e-6)
-  assert metrics1["loss"] > 0 and np.isfinite(metrics1["loss"])
+  chex.assert_trees_all_close(s8.batch_stats, s1.batch_stats, rtol=1e-5, atol=1e-6)
+  assert h1[0]["loss"] > 0 and np.isfinite(h1[0]["loss"])
 
 
+@pytest.mark.numerics
 def test_one_vs_eight_devices_same_gradients_in_float64(setup):
   """Gradients of both nets + losses on a synthesized batch do not depend on the device count.
 
@@ -112,7 +120,8 @@ def test_one_vs_eight_devices_same_gradients_in_float64(setup):
   def run(model, state, syn, n):
     mesh = parallel.make_mesh(jax.devices()[:n])
     repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
-    fn = jax.jit(steps.make_loss_grad_fn(model), in_shardings=(repl, data), out_shardings=repl)
+    fn = jax.jit(lambda st, sy: steps.loss_and_grads(model, st.params, st.batch_stats, sy),
+                 in_shardings=(repl, data), out_shardings=repl)
     return jax.device_get(fn(jax.device_put(state, repl), jax.device_put(syn, data)))
 
   with jax.enable_x64(True):
@@ -129,27 +138,36 @@ def test_one_vs_eight_devices_same_gradients_in_float64(setup):
   assert _relative_difference(grads1, other) > 1e-3
 
 
-def test_train_step_updates_and_does_not_retrace(setup):
+def test_train_step_updates_and_does_not_retrace(setup, monkeypatch):
   model, tx, schedule, state, images, sources = setup
-  mesh = parallel.make_mesh()
-  repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
-  step_fn = steps.make_train_step(model, tx, synthesis.SynthesisConfig(), schedule)
-  step_fn = jax.jit(chex.assert_max_traces(step_fn, n=1), in_shardings=(repl, data, repl),
-                    out_shardings=(repl, repl), donate_argnums=0)
-  s = jax.device_put(jax.tree.map(jnp.copy, state), repl)
-  src = jax.device_put(sources, repl)
-  losses = []
-  for i in range(3):
-    batch = jax.device_put(np.roll(images, i, axis=0), data)
-    s, metrics = step_fn(s, batch, src)
-    losses.append(float(metrics["loss"]))
-  assert int(s.step) == 3
-  assert float(metrics["learning_rate"]) == pytest.approx(1e-4)
-  assert all(np.isfinite(losses))
+  monkeypatch.setattr(steps, "train_step", chex.assert_max_traces(steps.train_step, n=1))
+  final, history = _run_steps(model, tx, schedule, state, images, sources, 8, num_steps=3)
+  assert int(final.step) == 3
+  assert float(history[-1]["learning_rate"]) == pytest.approx(1e-4)
+  assert all(np.isfinite(h["loss"]) for h in history)
   # Parameters moved away from the initial ones.
   before = jax.tree.leaves(state.params)[0]
-  after = jax.tree.leaves(jax.device_get(s.params))[0]
+  after = jax.tree.leaves(final.params)[0]
   assert not np.allclose(before, after)
+
+
+def test_step_trains_on_the_streams_batch(setup):
+  """Step s trains on ``images[batch_indices(s)]`` (converted exactly, synthesized with the step's key):
+  its loss equals one computed by hand from those rows, and differs for another batch."""
+  model, tx, schedule, state, images, sources = setup
+  many = np.concatenate([images, images[::-1, ::-1]])  # 16 images, 2 steps per epoch
+  _, history = _run_steps(model, tx, schedule, state, many, sources, 1, num_steps=2)
+
+  def by_hand(step, rows):
+    batch = jnp.asarray(rows.astype(np.float32) / np.float32(255))
+    syn = synthesis.synthesize(jax.random.fold_in(state.key, step), batch, jnp.asarray(sources))
+    return float(jax.jit(lambda s, y: steps.loss_and_grads(model, s.params, s.batch_stats, y)[2])(
+        state, syn)["loss"])
+
+  idx0 = np.asarray(pipeline.batch_indices(0, len(many), BATCH, 0))
+  np.testing.assert_allclose(history[0]["loss"], by_hand(0, many[idx0]), rtol=1e-5)
+  other = np.setdiff1d(np.arange(len(many)), idx0)
+  assert abs(history[0]["loss"] - by_hand(0, many[other])) > 1e-4
 
 
 def test_infer_fn_outputs_and_bgr_flag(setup):

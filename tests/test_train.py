@@ -15,27 +15,15 @@ import numpy as np
 import pytest
 
 from draem_jax import checkpointing
-from draem_jax import evaluate
+from draem_jax import recipes
+from draem_jax import rundir
 from draem_jax import train
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def load_demo_config(**overrides):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location("demo_config", REPO / "configs" / "demo.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
-  c.image_size = 32
-  c.model.recon_width = 4
-  c.model.disc_width = 4
-  c.batch_size = 16          # 64 demo training images -> 4 steps per epoch
-  c.num_epochs = 2           # 8 steps
-  c.log_every_steps = 2
-  c.checkpoint_every_steps = 4
-  c.eval.batch_size = 16
-  c.eval.num_visualizations = 2
+  c = recipes.tiny()  # 32x32, 4-channel nets, 64 demo images, batch 16, 8 steps
   c.update(overrides)
   return c
 
@@ -46,7 +34,7 @@ def demo_root(tmp_path_factory):
 
 
 def _restore(workdir, config):
-  model, variables, step = evaluate.restore_model(workdir, config)
+  model, variables, step = rundir.restore_model(workdir, config)
   return jax.device_get(variables), step
 
 
@@ -56,8 +44,13 @@ def test_resume_is_bit_identical_to_uninterrupted(tmp_path, demo_root):
   assert 0.0 <= metrics_a["pixel_auroc"] <= 1.0
 
   interrupted = load_demo_config(data_dir=demo_root, stop_after_steps=3)
-  assert train.train_and_evaluate(interrupted, str(tmp_path / "b")) == {}
+  with pytest.raises(train.StoppedEarly, match="stopped at step 3 of 8"):
+    train.train_and_evaluate(interrupted, str(tmp_path / "b"))
   assert checkpointing.latest_step(str(tmp_path / "b")) == 3
+  # As if the stopped process had logged steps past its checkpoint before dying: a resumed run redoes
+  # them, so they leave metrics.jsonl (kept aside in metrics.superseded.jsonl).
+  with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
+    f.write(json.dumps({"step": 4, "loss": 123.0}) + "\n")
   resumed = load_demo_config(data_dir=demo_root)
   metrics_b = train.train_and_evaluate(resumed, str(tmp_path / "b"))
 
@@ -70,6 +63,7 @@ def test_resume_is_bit_identical_to_uninterrupted(tmp_path, demo_root):
   # The metrics log continues across the restart: steps 2, 4, 6, 8 in both runs.
   steps_b = [json.loads(l)["step"] for l in open(tmp_path / "b" / "metrics.jsonl")]
   assert steps_b == [2, 3, 4, 6, 8]
+  assert json.loads((tmp_path / "b" / "metrics.superseded.jsonl").read_text())["loss"] == 123.0
   assert (tmp_path / "b" / "eval" / "metrics.json").exists()
   assert len(list((tmp_path / "b" / "eval" / "overlays").glob("*.png"))) == 2
 
@@ -96,7 +90,8 @@ def test_finished_run_is_only_reevaluated_and_overwrite_keeps_the_old_run(tmp_pa
 
 def test_changed_config_on_resume_is_refused(tmp_path, demo_root):
   workdir = str(tmp_path / "run")
-  train.train_and_evaluate(load_demo_config(data_dir=demo_root, stop_after_steps=1), workdir)
+  with pytest.raises(train.StoppedEarly):
+    train.train_and_evaluate(load_demo_config(data_dir=demo_root, stop_after_steps=1), workdir)
   changed = load_demo_config(data_dir=demo_root)
   changed.model.recon_width = 8
   with pytest.raises(train.TrainingError, match="model.recon_width: 4 -> 8"):
@@ -109,6 +104,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_p
   with pytest.raises(train.TrainingError, match=r"at step (\d+)") as info:
     train.train_and_evaluate(config, workdir)
   bad_step = int(re.search(r"at step (\d+)", str(info.value)).group(1))
+  assert "step None" not in str(info.value)
   latest = checkpointing.latest_step(workdir)
   assert latest == bad_step - 1
   # The last checkpoint is complete and restorable.
@@ -133,8 +129,13 @@ def test_train_evaluate_predict_cli(tmp_path, demo_root):
   overrides = ["--config.image_size=32", "--config.model.recon_width=4", "--config.model.disc_width=4",
                "--config.batch_size=8", "--config.num_epochs=1", "--config.eval.batch_size=8",
                f"--config.data_dir={demo_root}", "--config.eval.num_visualizations=1"]
+  # Stopped early with a checkpoint: the documented exit code, so schedulers requeue the job.
+  r = _cli("draem_jax.train", "--config=configs/demo.py", f"--workdir={workdir}", *overrides,
+           "--config.stop_after_steps=4")
+  assert r.returncode == train.EXIT_STOPPED_EARLY == 75, r.stderr[-3000:]
   r = _cli("draem_jax.train", "--config=configs/demo.py", f"--workdir={workdir}", *overrides)
   assert r.returncode == 0, r.stderr[-3000:]
+  assert "Resumed from step 4" in r.stderr
   metrics = json.loads((workdir / "eval" / "metrics.json").read_text())
   assert metrics["step"] == 8 and "aupro" in metrics
 
