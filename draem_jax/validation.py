@@ -314,3 +314,69 @@ def restore_selected(workdir, config, step: int | None = None, sharding=None):
     return model, variables, step, "best"
   model, variables, step = rundir.restore_model(workdir, config, sharding=sharding)
   return model, variables, step, "last"
+
+
+# ----------------------------------------------------------------------------------------------------
+# During training.
+# ----------------------------------------------------------------------------------------------------
+
+def num_train_images(config, num_files: int) -> int:
+  """How many of ``num_files`` train/good images are trained on after the hold-out split."""
+  if not enabled(config):
+    return num_files
+  train, _ = split_indices(num_files, float(config.validation.fraction), config.seed)
+  return len(train)
+
+
+class Validator:
+  """Scores the validation set during training, logs it, stores thresholds and keeps the best model.
+
+  ``run(step, variables)`` at every checkpoint (so every saved step has thresholds) and whenever
+  ``due(step)``: writes ``val_pixel_ap``, ``val_pixel_auroc``, ``val_image_auroc`` and the thresholds
+  as one row of ``metrics.jsonl`` (and TensorBoard), stores the thresholds of ``step``, and under
+  ``select="best"`` saves the model to ``WORKDIR/best`` when ``val_pixel_ap`` improved. Without a
+  validation set every call does nothing.
+  """
+
+  def __init__(self, config, workdir, model, vset: ValidationSet | None, writer, mesh=None):
+    self.config, self.workdir, self.vset, self.writer = config, rundir.path(workdir), vset, writer
+    self.every = int(config.validation.every_steps) if vset is not None else 0
+    self.best = BestKeeper(workdir) if vset is not None and config.validation.select == "best" else None
+    self._inferencer = None
+    if vset is not None:
+      from draem_jax import inference  # pylint: disable=g-import-not-at-top  (inference imports steps)
+      self._inferencer = inference.Inferencer(model, None, config, mesh=mesh)
+    self._done = set()
+
+  def due(self, step: int) -> bool:
+    return self.vset is not None and self.every > 0 and step % self.every == 0
+
+  def _predict(self, variables):
+    inf = self._inferencer
+    s = inf.size
+
+    def predict(images):
+      if images.shape[1:3] == (s, s):
+        return inf.model_size(images, variables)
+      # Held-out images larger than the model (train_crop runs): tiles at their own resolution.
+      p = self.config.predict
+      maps, scores = inf.images(list(images), tile=True, tile_scale=1.0, tile_overlap=p.tile_overlap,
+                                variables=variables)
+      return np.stack(maps), scores
+
+    return predict
+
+  def run(self, step: int, variables) -> dict[str, float]:
+    """Validates ``variables`` (the model of ``step``); returns the logged values (empty when off)."""
+    if self.vset is None or step in self._done:
+      return {}
+    self._done.add(step)
+    values, th = run(self._predict(variables), self.vset, self.config, self.workdir, step)
+    row = {**values, "threshold_image": th["image"], "threshold_pixel": th["pixel"]}
+    self.writer.write_scalars(step, row)
+    logging.info("validation step %d: pixel AP %.4f, pixel AUROC %.4f, image AUROC %.4f (%d held-out "
+                 "+ %d synthetic)", step, values["val_pixel_ap"], values["val_pixel_auroc"],
+                 values["val_image_auroc"], len(self.vset.clean), len(self.vset.synthetic))
+    if self.best is not None:
+      self.best.update(step, values, variables)
+    return row

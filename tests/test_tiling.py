@@ -91,7 +91,7 @@ def test_defect_pasted_into_a_large_image_is_found_at_its_place():
 def test_tiled_run_of_a_model_size_image_equals_the_plain_run():
   config = _config(filter_size=21)
   model = steps.build_model(config)
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+  variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)), train=False))(jax.random.key(0))
   inf = inference.Inferencer(model, variables, config)
   rng = np.random.default_rng(0)
   images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(3)]
