@@ -153,7 +153,8 @@ def restore_intact(workdir, abstract_model: Any, abstract_train: Any | None = No
     candidates = steps[::-1]
   damaged = []
   for s in candidates:
-    if abstract_train is not None and not has_train_state(workdir, s) and (folder / str(s) / "model").is_dir():
+    model_only = not has_train_state(workdir, s) and (folder / str(s) / "model").is_dir()
+    if abstract_train is not None and model_only:
       raise NoCheckpointError(
           f"{workdir} holds converted or model-only weights (checkpoint {s} has no optimizer state); "
           "it can be evaluated but not trained further. Use another --workdir.")
@@ -163,7 +164,8 @@ def restore_intact(workdir, abstract_model: Any, abstract_train: Any | None = No
       return s, model, train
     except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many kinds)
       if step is not None:
-        raise NoCheckpointError(f"checkpoint {folder / str(s)} cannot be restored ({_one_line(e)}).") from None
+        raise NoCheckpointError(
+            f"checkpoint {folder / str(s)} cannot be restored ({_one_line(e)}).") from None
       set_aside_damaged(workdir, s, _one_line(e))
       damaged.append(s)
   raise NoCheckpointError(

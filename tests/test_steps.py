@@ -45,7 +45,8 @@ def test_original_schedule_decays_at_80_and_90_percent():
 
 
 def test_original_schedule_for_700_epochs_matches_the_original_code():
-  # MultiStepLR at epochs 560 and 630 of 700 (x0.2): lr 1e-4 for epochs 0-559, 2e-5 for 560-629, 4e-6 for 630-699 (bottle: 27 steps/epoch).
+  # MultiStepLR at epochs 560 and 630 of 700 (x0.2): lr 1e-4 for epochs 0-559, 2e-5 for 560-629,
+  # 4e-6 for 630-699 (bottle: 27 steps/epoch).
   sched = steps.learning_rate_schedule(tiny_config(num_epochs=700), num_train_images=209)
   spe = steps.steps_per_epoch(209, 8)
   assert spe == 27

@@ -61,7 +61,7 @@ def test_resume_is_bit_identical_to_uninterrupted(tmp_path, demo_root):
     np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
   assert metrics_a == metrics_b
   # The metrics log continues across the restart: steps 2, 4, 6, 8 in both runs.
-  steps_b = [json.loads(l)["step"] for l in open(tmp_path / "b" / "metrics.jsonl")]
+  steps_b = [json.loads(line)["step"] for line in open(tmp_path / "b" / "metrics.jsonl")]
   assert steps_b == [2, 3, 4, 6, 8]
   assert json.loads((tmp_path / "b" / "metrics.superseded.jsonl").read_text())["loss"] == 123.0
   assert (tmp_path / "b" / "eval" / "metrics.json").exists()

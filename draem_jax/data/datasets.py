@@ -19,6 +19,7 @@ import os
 from absl import logging
 import numpy as np
 
+from draem_jax import recipes
 from draem_jax.data import demo
 from draem_jax.data import folder
 from draem_jax.data import mvtec_ad
@@ -27,7 +28,7 @@ from draem_jax.data import sources
 # Procedural fallback pool size when no anomaly-source path is configured.
 NUM_PROCEDURAL_SOURCES = 64
 
-DATASETS = ("folder", "tfds", "demo")
+DATASETS = recipes.DATASETS
 
 
 def _image_size(config) -> tuple[int, int]:
@@ -79,10 +80,10 @@ def load_split(config, workdir: str, split: str) -> folder.CategoryData:
   """One split ("train" or "test") of ``config.category``, resized to ``config.image_size``."""
   size = _image_size(config)
   root = data_root(config, workdir)
-  mask_rule = config.get("mask_rule", "reference")
+  mask_rule = config.mask_rule
   if config.dataset == "tfds":
     return mvtec_ad.load_category_from_tfds(
-        config.category, data_dir=config.get("tfds_data_dir") or None, manual_dir=root,
+        config.category, data_dir=config.tfds_data_dir or None, manual_dir=root,
         image_size=size, split=split, mask_rule=mask_rule)
   return folder.load_category(root, config.category, image_size=size, split=split,
                               mask_rule=mask_rule)
@@ -107,7 +108,7 @@ def load_anomaly_sources(config) -> np.ndarray:
   1.1 GB, replicated on every device).
   """
   size = _image_size(config)
-  max_sources = int(config.get("max_sources", 0)) or None
+  max_sources = int(config.max_sources) or None
   if config.anomaly_source_path:
     pool = sources.load_sources(config.anomaly_source_path, size, max_sources=max_sources,
                                 seed=config.seed)
