@@ -38,8 +38,10 @@ from draem_jax import parallel
 from draem_jax import recipes
 from draem_jax import rundir
 from draem_jax import steps
+from draem_jax import validation
 from draem_jax import writers
 from draem_jax.data import datasets
+from draem_jax.data import pipeline
 
 FLAGS = flags.FLAGS
 EXIT_STOPPED_EARLY = 75  # sysexits.h EX_TEMPFAIL: stopped with a checkpoint; rerun to resume
@@ -165,8 +167,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
   # -- Data: every split checked before any training; training images (uint8) and anomaly sources
   # (uint8) go onto every device once.
   datasets.check_category(config, str(workdir))
-  train_images = datasets.load_train_images(config, str(workdir))
-  num_train = len(train_images)
+  # Held-out good images (config.validation) are never trained on; the split is recorded in the run.
+  train_split = datasets.load_split(config, str(workdir), "train")
+  pipeline.check_train_images(train_split.images)
+  num_train = validation.num_train_images(config, len(train_split))
   spe = steps.steps_per_epoch(num_train, config.batch_size)
   total_steps = config.num_epochs * spe
   logging.info("%d training images, %d steps per epoch, %d epochs = %d steps", num_train, spe,
@@ -179,8 +183,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
     return evaluate.evaluate_workdir(str(workdir), config=config)
   if status == "fresh":
     rundir.write_config(workdir, config)
+  sources = datasets.load_anomaly_sources(config)
+  train_images, vset = validation.prepare(config, workdir, train_split, sources)
   train_images = jax.device_put(train_images, repl)
-  sources = jax.device_put(datasets.load_anomaly_sources(config), repl)
+  sources = jax.device_put(sources, repl)
 
   # -- Model, optimizer and state, built directly with the replicated sharding.
   model = steps.build_model(config)
@@ -213,6 +219,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
   mngr = checkpointing.manager(workdir, keep=config.keep_checkpoints)
   writer = writers.MetricWriter(workdir, resume_step=start if status == "resume" else None)
   progress = writers.Progress(total_steps, config.batch_size, start)
+  validator = validation.Validator(config, workdir, model, vset, writer, mesh=mesh)
   history: list[dict[str, float]] = []
 
   def finish_step(step: int, metrics, last: bool = False) -> None:
@@ -255,6 +262,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
           finish_step(*pending, last=stop)  # never save a state whose loss was not checked
           pending = None
           checkpointing.save(mngr, step, state.model_variables(), state.train_item())
+          validator.run(step, state.model_variables())  # every saved step gets its thresholds
+        elif validator.due(step):
+          validator.run(step, state.model_variables())
         if stop:
           break
       if pending is not None:
