@@ -100,6 +100,9 @@ def test_tfds_source_reads_prepared_dataset(tmp_path):
   assert key(pool) == key(ref)
   assert sources.load_tfds_sources("mvtec_ad/tex", (8, 8), data_dir=data_dir,
                                    max_sources=2).shape == (2, 8, 8, 3)
+  # The "tfds:" spelling of a source path (config.anomaly_source_path) reads the same pool.
+  np.testing.assert_array_equal(sources.load_sources("tfds:mvtec_ad/tex", (8, 8), tfds_data_dir=data_dir),
+                                pool)
 
 
 def test_tfds_source_not_prepared(tmp_path):

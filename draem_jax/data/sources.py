@@ -60,7 +60,8 @@ def _subsample(n: int, max_sources: int | None, seed: int) -> np.ndarray:
 
 def load_sources(path: str | os.PathLike, image_size: tuple[int, int],
                  max_sources: int | None = None, seed: int = 0,
-                 num_workers: int | None = None) -> np.ndarray:
+                 num_workers: int | None = None,
+                 tfds_data_dir: str | os.PathLike | None = None) -> np.ndarray:
   """Decodes and resizes an anomaly-source pool.
 
   Args:
@@ -72,6 +73,7 @@ def load_sources(path: str | os.PathLike, image_size: tuple[int, int],
       None keeps all.
     seed: seed of that subset.
     num_workers: decoding threads.
+    tfds_data_dir: where tfds keeps prepared datasets, for ``"tfds:<name>"`` (tfds default when None).
 
   Returns:
     uint8 (S, H, W, 3), RGB, OpenCV-exact bilinear resize.
@@ -81,8 +83,8 @@ def load_sources(path: str | os.PathLike, image_size: tuple[int, int],
   """
   spec = os.fspath(path)
   if spec.startswith(TFDS_PREFIX):
-    return load_tfds_sources(spec[len(TFDS_PREFIX):], image_size, max_sources=max_sources,
-                             seed=seed, num_workers=num_workers)
+    return load_tfds_sources(spec[len(TFDS_PREFIX):], image_size, data_dir=tfds_data_dir,
+                             max_sources=max_sources, seed=seed, num_workers=num_workers)
   files = list_source_files(spec)
   keep = _subsample(len(files), max_sources, seed)
   return folder.load_images(files, image_size, indices=keep, num_workers=num_workers)
