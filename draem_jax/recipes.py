@@ -255,9 +255,6 @@ def _validate_validation(config) -> None:
     if not isinstance(config.train_crop, bool):
       raise ValueError(f"config.train_crop={config.train_crop!r} must be True or False.")
     _positive_int(config, "load_size", config.load_size, allow_zero=True)
-    if config.train_crop:  # tiling.random_crops exists; the train step does not call it yet
-      raise ValueError("config.train_crop=True is not supported yet (the train step does not crop); "
-                       "leave it False: images are resized to config.image_size as in the original.")
     if config.train_crop and config.load_size < config.image_size:
       raise ValueError(f"config.train_crop=True needs config.load_size >= config.image_size "
                        f"({config.image_size}); got load_size={config.load_size}.")

@@ -26,6 +26,7 @@ from draem_jax import models
 from draem_jax import parallel
 from draem_jax import scoring
 from draem_jax import synthesis
+from draem_jax import tiling
 from draem_jax.data import pipeline
 
 
@@ -126,17 +127,20 @@ def loss_and_grads(model: nn.Module, params: Any, batch_stats: Any, syn: synthes
 
 def train_step(state: TrainState, train_images: jax.Array, sources: jax.Array, *, model: nn.Module,
                tx: optax.GradientTransformation, synthesis_config: synthesis.SynthesisConfig,
-               schedule: optax.Schedule, batch_size: int, data_seed: int,
+               schedule: optax.Schedule, batch_size: int, data_seed: int, crop_size: int | None = None,
                batch_sharding: jax.sharding.Sharding | None = None) -> tuple[TrainState, dict[str, Any]]:
   """One update: this step's images, anomaly synthesis, both networks, the losses and Adam.
 
   Args:
     state: the TrainState (replicated).
-    train_images: uint8 (N, H, W, 3), the whole training set, on every device.
+    train_images: uint8 (N, H, W, 3), the whole training set, on every device (with ``crop_size``:
+      loaded larger, (N, L, L, 3) with L >= crop_size).
     sources: uint8 (S, H, W, 3) anomaly-source textures, on every device.
     model, tx, synthesis_config, schedule: the recipe (static).
     batch_size: static global batch size B.
     data_seed: static seed of the image order.
+    crop_size: static; if set, each example is a random ``crop_size`` crop of its (larger) image
+      (``config.train_crop``), drawn from a key of its own.
     batch_sharding: where the step's batch lives (split over the ``data`` axis); None leaves it to XLA.
 
   Returns:
@@ -144,13 +148,16 @@ def train_step(state: TrainState, train_images: jax.Array, sources: jax.Array, *
     anomaly_fraction (share of examples with a non-empty simulated anomaly), learning_rate.
   """
   # 1. The step's images, picked on the device from the step number (no host pipeline).
+  step_key = jax.random.fold_in(state.key, state.step)
   index = pipeline.batch_indices(state.step, train_images.shape[0], batch_size, data_seed)
-  images = pipeline.to_unit_float_device(train_images[index])
+  rows = train_images[index]
+  if crop_size is not None:
+    rows = tiling.random_crops(jax.random.fold_in(step_key, 1), rows, crop_size)
+  images = pipeline.to_unit_float_device(rows)
   if batch_sharding is not None:
     images = jax.lax.with_sharding_constraint(images, batch_sharding)
   # 2. Anomaly synthesis on the device, one key per example.
-  syn = synthesis.synthesize(jax.random.fold_in(state.key, state.step), images, sources,
-                             config=synthesis_config)
+  syn = synthesis.synthesize(step_key, images, sources, config=synthesis_config)
   # 3. Losses and gradients of both networks.
   grads, batch_stats, metrics = loss_and_grads(model, state.params, state.batch_stats, syn)
   # 4. Adam.
@@ -165,7 +172,7 @@ def train_step(state: TrainState, train_images: jax.Array, sources: jax.Array, *
 
 def jit_train_step(mesh: jax.sharding.Mesh, *, model: nn.Module, tx: optax.GradientTransformation,
                    synthesis_config: synthesis.SynthesisConfig, schedule: optax.Schedule,
-                   batch_size: int, data_seed: int):
+                   batch_size: int, data_seed: int, crop_size: int | None = None):
   """``train_step`` with the recipe bound, jitted over ``mesh``; the state is donated.
 
   Returns:
@@ -175,7 +182,7 @@ def jit_train_step(mesh: jax.sharding.Mesh, *, model: nn.Module, tx: optax.Gradi
   parallel.check_batch_size(batch_size, mesh.size, jax.process_count(), name="config.batch_size")
   fn = functools.partial(train_step, model=model, tx=tx, synthesis_config=synthesis_config,
                          schedule=schedule, batch_size=batch_size, data_seed=data_seed,
-                         batch_sharding=parallel.data_sharding(mesh))
+                         crop_size=crop_size, batch_sharding=parallel.data_sharding(mesh))
   return jax.jit(fn, in_shardings=(repl, repl, repl), out_shardings=(repl, repl), donate_argnums=0)
 
 

@@ -214,7 +214,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
   # -- The jitted step: images picked, anomalies synthesized and both nets updated on the devices.
   train_step = steps.jit_train_step(
       mesh, model=model, tx=tx, synthesis_config=recipes.synthesis_config(config), schedule=schedule,
-      batch_size=config.batch_size, data_seed=config.seed)
+      batch_size=config.batch_size, data_seed=config.seed,
+      crop_size=config.image_size if config.train_crop else None)
 
   mngr = checkpointing.manager(workdir, keep=config.keep_checkpoints)
   writer = writers.MetricWriter(workdir, resume_step=start if status == "resume" else None)

@@ -152,6 +152,24 @@ def test_train_step_updates_and_does_not_retrace(setup, monkeypatch):
   assert not np.allclose(before, after)
 
 
+def test_train_crop_changes_only_the_crop(setup):
+  """crop_size equal to the image size crops nothing: the step is bit-identical to the plain one; with
+  larger images the step trains on crops (same shapes, finite loss, different from the resized run)."""
+  model, tx, schedule, state, images, sources = setup
+  mesh = parallel.make_mesh(jax.devices()[:1])
+
+  def one_step(imgs, crop):
+    fn = steps.jit_train_step(mesh, model=model, tx=tx, synthesis_config=synthesis.SynthesisConfig(),
+                              schedule=schedule, batch_size=BATCH, data_seed=0, crop_size=crop)
+    return jax.device_get(fn(jax.tree.map(jnp.copy, state), imgs, sources)[1])
+
+  plain, cropped_same = one_step(images, None), one_step(images, SIZE)
+  assert plain == cropped_same
+  large = np.repeat(np.repeat(images, 2, axis=1), 2, axis=2)  # (B, 64, 64, 3)
+  cropped = one_step(large, SIZE)
+  assert np.isfinite(cropped["loss"]) and cropped["loss"] != plain["loss"]
+
+
 def test_step_trains_on_the_streams_batch(setup):
   """Step s trains on ``images[batch_indices(s)]`` (converted exactly, synthesized with the step's key):
   its loss equals one computed by hand from those rows, and differs for another batch."""
