@@ -28,7 +28,8 @@ class MetricWriter:
 
   ``resume_step``: a resumed run redoes the steps after its checkpoint, so rows logged past it by the
   interrupted invocation are moved to ``metrics.superseded.jsonl`` (kept, never deleted) and the log has
-  each step once. Paths go through ``etils.epath``; on object stores (no append) the file is rewritten.
+  each step once; a second record of the step just written (validation) joins its row. Paths go through
+  ``etils.epath``; on object stores (no append) the file is rewritten.
   """
 
   def __init__(self, workdir, *, filename: str = "metrics.jsonl", tensorboard: bool = True,
@@ -70,13 +71,18 @@ class MetricWriter:
     if not self._active:
       return
     values = {k: float(np.asarray(v)) for k, v in scalars.items()}
-    row = json.dumps({"step": int(step), **values})
-    self._rows.append(row)
-    if self._append:
-      with self._path.open("a") as f:
-        f.write(row + "\n")
-    else:
+    if self._rows and json.loads(self._rows[-1]).get("step") == int(step):
+      # A second record of the same step (validation after the training metrics): one row per step.
+      self._rows[-1] = json.dumps({**json.loads(self._rows[-1]), **values})
       self._rewrite()
+    else:
+      row = json.dumps({"step": int(step), **values})
+      self._rows.append(row)
+      if self._append:
+        with self._path.open("a") as f:
+          f.write(row + "\n")
+      else:
+        self._rewrite()
     if self._tb is not None:
       for k, v in values.items():
         self._tb.add_scalar(k, v, int(step))
