@@ -22,7 +22,6 @@ import numpy as np
 from draem_jax import recipes
 from draem_jax.data import demo
 from draem_jax.data import folder
-from draem_jax.data import mvtec_ad
 from draem_jax.data import sources
 
 # Procedural fallback pool size when no anomaly-source path is configured.
@@ -85,6 +84,7 @@ def load_split(config, workdir: str, split: str) -> folder.CategoryData:
   root = data_root(config, workdir)
   mask_rule = config.mask_rule
   if config.dataset == "tfds":
+    from draem_jax.data import mvtec_ad  # tensorflow-datasets is imported only for dataset="tfds"
     return mvtec_ad.load_category_from_tfds(
         config.category, data_dir=config.tfds_data_dir or None, manual_dir=root,
         image_size=size, split=split, mask_rule=mask_rule)
@@ -114,6 +114,7 @@ def load_anomaly_sources(config) -> np.ndarray:
   max_sources = int(config.max_sources) or None
   if config.anomaly_source_path:
     pool = sources.load_sources(config.anomaly_source_path, size, max_sources=max_sources,
+                                tfds_data_dir=config.tfds_data_dir or None,
                                 seed=config.seed)
   else:
     pool = sources.procedural_sources(max_sources or NUM_PROCEDURAL_SOURCES, size, seed=config.seed)
