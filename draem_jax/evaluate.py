@@ -136,7 +136,7 @@ def _normal_thresholds(workdir, config, step: int, inf) -> tuple[dict[str, Any] 
   logging.info("no thresholds stored for step %d: calibrating on the held-out good images", step)
   split = datasets.load_split(config, str(workdir), "train")
   _, vset = validation.prepare(config, workdir, split, datasets.load_anomaly_sources(config))
-  values, _ = validation.run(inf.model_size, vset, config, workdir, step)  # stores the thresholds
+  values, _ = validation.run(validation.make_predict(inf, config), vset, config, workdir, step)  # stores
   return rundir.read_thresholds(workdir, step), values
 
 
@@ -188,7 +188,7 @@ def evaluate_workdir(workdir, config: ml_collections.ConfigDict | None = None, s
     return results
 
   test = datasets.load_test_split(config, str(workdir))
-  maps, scores = inf.model_size(test.images)
+  maps, scores = validation.make_predict(inf, config)(test.images)  # tiled when larger than the model
   free = metrics_lib.compute_all(image_labels=test.labels, image_scores=scores, masks=test.masks,
                                  anomaly_maps=maps, fpr_limit=config.eval.aupro_fpr_limit)
   results.update({k: float(v) for k, v in free.items() if not k.endswith("_threshold")})

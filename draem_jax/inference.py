@@ -5,7 +5,8 @@ and feeds it every image, whatever its size:
 
 * plain: the image is resized to S x S (OpenCV-exact bilinear, as in training), the map is resized back
   to the image's size and the image score is the model-resolution score (the original protocol);
-* tiled (``tile=True``): the image is rescaled by ``tile_scale`` (at least one tile), cut into
+* tiled (``tile=True``): the image is rescaled by ``tile_scale`` or resized to ``tile_resize`` (at least
+  one tile), cut into
   overlapping S x S tiles (``tiling``), the tiles' maps are stitched by the mean over overlaps, and the
   score is the same filtered maximum computed on the stitched map; the map is then resized back.
 
@@ -101,7 +102,8 @@ class Inferencer:
     return maps, scores
 
   def images(self, images: Sequence[np.ndarray], *, tile: bool = False, tile_scale: float = 1.0,
-             tile_overlap: float = 0.25, variables=None) -> tuple[list[np.ndarray], np.ndarray]:
+             tile_overlap: float = 0.25, tile_resize: tuple[int, int] | None = None,
+             variables=None) -> tuple[list[np.ndarray], np.ndarray]:
     """Maps at each image's own size and image scores, for images of any sizes.
 
     Args:
@@ -109,6 +111,8 @@ class Inferencer:
       tile: tiled inference (see the module docstring) instead of resizing to the model size.
       tile_scale: rescale factor before tiling (1 = the image's own resolution).
       tile_overlap: minimum overlap of neighbouring tiles, a fraction of the tile.
+      tile_resize: (h, w) every image is resized to before tiling, instead of ``tile_scale`` (a
+        ``config.train_crop`` run: the ``load_size`` its training images had).
       variables: other variables than the constructor's.
 
     Returns:
@@ -123,7 +127,10 @@ class Inferencer:
     # Tiled: all tiles of all images in one stream of model-size batches.
     tiles, layout = [], []
     for im in images:
-      h, w = tiling.scaled_size(im.shape[0], im.shape[1], tile_scale, s)
+      if tile_resize is not None:
+        h, w = max(s, int(tile_resize[0])), max(s, int(tile_resize[1]))
+      else:
+        h, w = tiling.scaled_size(im.shape[0], im.shape[1], tile_scale, s)
       scaled = im if (h, w) == im.shape[:2] else image_io.resize_bilinear(im, (h, w))
       grid = tiling.tile_grid(h, w, s, tile_overlap)
       tiles.append(tiling.extract_tiles(scaled, grid, s))

@@ -207,9 +207,14 @@ def load_image(path: str) -> np.ndarray:
 def _settings(config, tile, tile_scale, tile_overlap, min_region_area) -> dict[str, Any]:
   p = config.get("predict") or {}
   pick = lambda v, k, d: v if v is not None else p.get(k, d)  # noqa: E731
-  out = {"tile": bool(pick(tile, "tile", False)), "tile_scale": float(pick(tile_scale, "tile_scale", 1.0)),
+  crop = bool(config.get("train_crop", False))
+  out = {"tile": bool(pick(tile, "tile", False)) or (crop and tile is None),
+         "tile_scale": float(pick(tile_scale, "tile_scale", 1.0)),
          "tile_overlap": float(pick(tile_overlap, "tile_overlap", 0.25)),
-         "min_region_area": int(pick(min_region_area, "min_region_area", 16))}
+         "min_region_area": int(pick(min_region_area, "min_region_area", 16)),
+         # A train_crop run saw its images at load_size: tiles of the image resized to that, as in
+         # validation, unless a scale is given.
+         "tile_resize": [int(config.load_size)] * 2 if crop and tile_scale is None else None}
   if out["min_region_area"] < 1:
     raise ValueError(f"--min_region_area={out['min_region_area']} must be >= 1 (original-image pixels).")
   if not 0 <= out["tile_overlap"] < 1:
@@ -240,7 +245,7 @@ def predict_files(workdir, paths: Sequence[str], output: str, *, input_root: str
   check_output(output, planned_files(output, names), overwrite)
   model, variables, step, selected = validation.restore_selected(workdir, config, step=step)
   th = resolve_thresholds(workdir, step, image_threshold, pixel_threshold)
-  if settings["tile"] and "command line" not in th["source"]:
+  if settings["tile"] and settings["tile_resize"] is None and "command line" not in th["source"]:
     logging.warning("thresholds of step %d were calibrated on held-out images resized to the model size; "
                     "tiled maps may call for other ones (--image_threshold, --pixel_threshold).", step)
   inf = inference.Inferencer(model, variables, config, batch_size=batch_size)
@@ -286,7 +291,7 @@ def _predict_batch(inf, paths, names, output, th, settings, step, table, fjson, 
   if not images:
     return
   maps, scores = inf.images(images, tile=settings["tile"], tile_scale=settings["tile_scale"],
-                            tile_overlap=settings["tile_overlap"])
+                            tile_overlap=settings["tile_overlap"], tile_resize=settings["tile_resize"])
   for path, name, image, amap, score in zip(ok_paths, ok_names, images, maps, scores):
     found = regions.find_regions(amap, th["pixel"], settings["min_region_area"])
     mask = regions.region_mask(amap, th["pixel"], settings["min_region_area"])

@@ -215,6 +215,27 @@ def synthesize_set(config, clean: np.ndarray, sources, num_per_image: int) -> tu
 PredictFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
+def make_predict(inferencer, config, variables=None) -> PredictFn:
+  """``images -> (maps, scores)`` at the images' own size with an ``inference.Inferencer``.
+
+  Images at the model size go straight through; larger ones (the held-out and test images of a
+  ``config.train_crop`` run, at ``config.load_size``) are tiled at their own resolution, the scale the
+  model was trained at. ``variables``: other than the inferencer's (e.g. the training state).
+  """
+  size = inferencer.size
+  overlap = float((config.get("predict") or {}).get("tile_overlap", 0.25))
+
+  def predict(images):
+    images = np.asarray(images)
+    if images.shape[1:3] == (size, size):
+      return inferencer.model_size(images, variables)
+    maps, scores = inferencer.images(list(images), tile=True, tile_scale=1.0, tile_overlap=overlap,
+                                     variables=variables)
+    return np.stack(maps), scores
+
+  return predict
+
+
 def score(predict: PredictFn, vset: ValidationSet) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
   """Scores the validation set.
 
@@ -230,8 +251,12 @@ def score(predict: PredictFn, vset: ValidationSet) -> tuple[dict[str, float], np
   """
   clean_maps, clean_scores = predict(vset.clean)
   out = {name: float("nan") for name in METRIC_NAMES}
+  if not (np.isfinite(clean_maps).all() and np.isfinite(clean_scores).all()):
+    return out, clean_maps, clean_scores  # a diverged model: nothing to score (the caller says so)
   if len(vset.synthetic):
     syn_maps, syn_scores = predict(vset.synthetic)
+    if not (np.isfinite(syn_maps).all() and np.isfinite(syn_scores).all()):
+      return out, clean_maps, clean_scores
     masks = np.concatenate([np.zeros(clean_maps.shape, bool), vset.synthetic_masks])
     maps = np.concatenate([clean_maps, syn_maps])
     labels = np.concatenate([np.zeros(len(clean_scores), np.int32), np.ones(len(syn_scores), np.int32)])
@@ -252,9 +277,13 @@ def run(predict: PredictFn, vset: ValidationSet, config, workdir=None, step: int
   """Scores ``vset`` and, with ``workdir`` and ``step``, stores the thresholds of that step.
 
   Returns:
-    ``(metrics, thresholds)``.
+    ``(metrics, thresholds)``; thresholds None (nothing stored) when the model's maps are not finite.
   """
   values, clean_maps, clean_scores = score(predict, vset)
+  if not (np.isfinite(clean_maps).all() and np.isfinite(clean_scores).all()):
+    logging.warning("validation%s: the model's anomaly maps are not finite (diverged weights); no "
+                    "thresholds stored.", "" if step is None else f" at step {step}")
+    return values, None
   th = calibrate(config, clean_maps, clean_scores, vset.source)
   if workdir is not None and step is not None:
     rundir.write_thresholds(workdir, step, th)
@@ -351,28 +380,16 @@ class Validator:
   def due(self, step: int) -> bool:
     return self.vset is not None and self.every > 0 and step % self.every == 0
 
-  def _predict(self, variables):
-    inf = self._inferencer
-    s = inf.size
-
-    def predict(images):
-      if images.shape[1:3] == (s, s):
-        return inf.model_size(images, variables)
-      # Held-out images larger than the model (train_crop runs): tiles at their own resolution.
-      p = self.config.predict
-      maps, scores = inf.images(list(images), tile=True, tile_scale=1.0, tile_overlap=p.tile_overlap,
-                                variables=variables)
-      return np.stack(maps), scores
-
-    return predict
-
   def run(self, step: int, variables) -> dict[str, float]:
     """Validates ``variables`` (the model of ``step``); returns the logged values (empty when off)."""
     if self.vset is None or step in self._done:
       return {}
     self._done.add(step)
-    values, th = run(self._predict(variables), self.vset, self.config, self.workdir, step)
-    row = {**values, "threshold_image": th["image"], "threshold_pixel": th["pixel"]}
+    predict = make_predict(self._inferencer, self.config, variables)
+    values, th = run(predict, self.vset, self.config, self.workdir, step)
+    row = dict(values)
+    if th is not None:
+      row.update(threshold_image=th["image"], threshold_pixel=th["pixel"])
     self.writer.write_scalars(step, row)
     logging.info("validation step %d: pixel AP %.4f, pixel AUROC %.4f, image AUROC %.4f (%d held-out "
                  "+ %d synthetic)", step, values["val_pixel_ap"], values["val_pixel_auroc"],
