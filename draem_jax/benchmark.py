@@ -484,8 +484,7 @@ def _jax_train_setup(cfg: BenchConfig, image_size: int, global_batch: int, devic
   import optax  # pylint: disable=g-import-not-at-top
   mesh = parallel.make_mesh(devices)
   repl, data_sh = parallel.replicated(mesh), parallel.data_sharding(mesh)
-  model = models.DRAEM(recon_width=cfg.recon_width, disc_width=cfg.disc_width,
-                       fast_cpu_conv=cfg.fast_cpu_conv)
+  model = models.DRAEM(recon_width=cfg.recon_width, disc_width=cfg.disc_width)
   tx = steps.make_optimizer(optax.constant_schedule(1e-4))
   variables = _random_variables(model, image_size)
   state = jax.device_put(steps.TrainState(
@@ -569,8 +568,7 @@ def bench_infer(cfg: BenchConfig, anomalib: Anomalib, threads: int) -> list[dict
   import jax  # pylint: disable=g-import-not-at-top
   from draem_jax import models, steps  # pylint: disable=g-import-not-at-top
   size, batch = cfg.train_image_size, cfg.infer_batch_size
-  model = models.DRAEM(recon_width=cfg.recon_width, disc_width=cfg.disc_width,
-                       fast_cpu_conv=cfg.fast_cpu_conv)
+  model = models.DRAEM(recon_width=cfg.recon_width, disc_width=cfg.disc_width)
   images_np = _normal_images(batch, size)
   variables = _random_variables(model, size)
   images = jax.device_put(images_np)
@@ -647,7 +645,6 @@ def _load_mvtec_config(cfg: BenchConfig):
   c.max_sources = cfg.max_textures
   c.image_size = cfg.quality_image_size
   c.model.recon_width, c.model.disc_width = cfg.recon_width, cfg.disc_width
-  c.model.fast_cpu_conv = cfg.fast_cpu_conv
   c.batch_size = cfg.quality_batch_size
   c.lr_schedule = "constant"
   c.log_every_steps = max(cfg.quality_steps // 4, 1)

@@ -1,22 +1,27 @@
-"""3x3 "SAME" stride-1 convolution with a fast weight gradient on CPU.
+"""3x3 "SAME" stride-1 convolution whose weight gradient on CPU is chosen per layer shape.
 
 Every convolution in DRAEM is 3x3, stride 1, padding 1 (docs/architecture.md). On the CPU backend XLA's
-weight-gradient convolution runs at about half the speed of its forward convolution and is roughly 2/3
-of a training step (docs/performance.md). For a stride-1 SAME 3x3 convolution the weight gradient is
-nine plain GEMMs, one per tap (i, j):
+weight-gradient convolution is the slowest part of a training step at large channel counts
+(docs/performance.md). For a stride-1 SAME 3x3 convolution the weight gradient is nine plain GEMMs, one
+per tap (i, j):
 
     dW[i, j] = pad(x)[:, i:i+H, j:j+W, :].reshape(-1, Cin).T @ dy.reshape(-1, Cout),
 
-which XLA's CPU matmul runs near peak. ``conv3x3`` therefore uses, on CPU, a ``jax.custom_vjp`` whose
-forward and input gradient are XLA's own convolutions and whose weight gradient is chosen by channel
-counts (see ``_weight_grad``): nine GEMMs when a side has more than 64 channels; one GEMM against the nine
-windows side by side when a side has at most 16 (first and last layers, where nine skinny GEMMs lose); and
-XLA's weight-gradient conv in between (64 -> 64 channels), where it measured fastest. On GPU/TPU, whose
-native backward is fast, and whenever ``fast_cpu=False`` it is plain ``lax.conv_general_dilated``.
-The custom rule supports reverse mode only (``grad``/``vjp``), not ``jvp``; pass ``fast_cpu=False`` for
-forward-mode or higher-order derivatives.
+which XLA's CPU matmul runs near peak. ``conv3x3`` computes the forward and the input gradient with XLA's
+own convolutions and, on CPU, picks the weight gradient for each layer shape from ``CPU_WEIGHT_GRAD_TABLE``
+(measured: the entry nearest in (rows, Cin, Cout) on a log scale wins):
 
-``python -c "from draem_jax import conv; conv.benchmark()"`` times one 256->256 channel conv, native vs custom.
+* ``"native"``: XLA's weight-gradient convolution (fastest at small and medium widths, e.g. 16-64
+  channels at 64-128 px);
+* ``"taps"``: the nine GEMMs above, one shifted window at a time inside a ``fori_loop`` (so only one
+  window is ever materialised: the same activation memory as the native path), 1.5-3x faster than XLA's
+  from about 128 channels on both sides;
+* ``"im2col"``: one GEMM against the nine windows of the narrow operand side by side, for layers with a
+  few channels on one side (the first and last convs: 3 -> 128, 64 -> 2).
+
+GPUs and TPUs, whose native backward is fast, always get plain ``lax.conv_general_dilated``. The custom
+rule supports reverse mode only; ``weight_grad="native"`` gives forward-mode and higher-order derivatives.
+``python -m benchmarks.conv_table`` measures the table again on the machine at hand.
 """
 
 import functools
@@ -33,6 +38,33 @@ Initializer = Callable[..., jax.Array]
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 # DRAEM's init (VitjanZ/DRAEM train_DRAEM.py L14-20): conv weights ~ N(0, 0.02).
 DEFAULT_KERNEL_INIT: Initializer = nn.initializers.normal(stddev=0.02)
+WEIGHT_GRAD_METHODS = ("native", "taps", "im2col")
+
+# (rows = N * H * W, Cin, Cout) -> fastest weight gradient, forward + backward of one conv on 2 shared
+# x86-64 cores (AVX-512), batch 8, medians of interleaved repeats (``python -m benchmarks.conv_table``).
+# The shapes are DRAEM's layers at widths 16/16 (128 px) and 128/64 (64 px).
+CPU_WEIGHT_GRAD_TABLE: tuple[tuple[tuple[int, int, int], str], ...] = (
+    # widths 16/16 at 128x128: XLA's own wins up to 128 channels.
+    ((131072, 3, 16), "native"), ((131072, 16, 16), "native"), ((131072, 32, 16), "native"),
+    ((131072, 16, 2), "native"), ((32768, 16, 32), "native"), ((32768, 32, 32), "native"),
+    ((32768, 64, 32), "native"), ((8192, 32, 64), "native"), ((8192, 64, 64), "native"),
+    ((2048, 64, 128), "im2col"), ((2048, 128, 128), "im2col"), ((512, 128, 128), "native"),
+    # widths 128/64 at 64x64.
+    ((32768, 3, 128), "im2col"), ((32768, 128, 128), "taps"), ((32768, 128, 3), "im2col"),
+    ((8192, 128, 256), "taps"), ((8192, 256, 256), "taps"), ((8192, 256, 128), "taps"),
+    ((2048, 256, 512), "taps"), ((2048, 512, 512), "taps"), ((512, 512, 1024), "im2col"),
+    ((512, 1024, 1024), "taps"), ((128, 1024, 1024), "taps"), ((32768, 6, 64), "im2col"),
+    ((32768, 64, 64), "native"), ((32768, 128, 64), "taps"), ((32768, 64, 2), "im2col"),
+    ((8192, 192, 64), "native"), ((2048, 384, 128), "im2col"), ((512, 768, 256), "im2col"),
+    ((128, 1024, 512), "im2col"),
+)
+
+
+def cpu_weight_grad_method(rows: int, cin: int, cout: int) -> str:
+  """The ``CPU_WEIGHT_GRAD_TABLE`` method of the measured shape nearest to (rows, Cin, Cout) (log scale)."""
+  key = np.log2([rows, cin, cout])
+  dist = [float(np.sum((np.log2(shape) - key)**2)) for shape, _ in CPU_WEIGHT_GRAD_TABLE]
+  return CPU_WEIGHT_GRAD_TABLE[int(np.argmin(dist))][1]
 
 
 def _native_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -46,87 +78,80 @@ def _input_grad(dy: jax.Array, kernel: jax.Array) -> jax.Array:
   return _native_conv(dy, jnp.swapaxes(kernel[::-1, ::-1], 2, 3))
 
 
-# Weight-gradient strategy by channel counts, from CPU timings (2 shared cores, batch 8): nine GEMMs win
-# 1.5-3x once a side has > 64 channels (256 -> 256 at 64x64: 0.51 s vs XLA's 1.58 s); with <= 16 channels
-# on one side a single GEMM against its nine windows wins 2-4x (64 -> 2 at 64x64: 3 ms vs 11 ms); in
-# between, 64 -> 64 at 128x128 and above, XLA's own is 20-30% faster.
-_SINGLE_GEMM_MAX_CHANNELS = 16
-_NATIVE_MAX_CHANNELS = 64
 _ROWS = (((0,), (0,)), ((), ()))  # dot_general: contract the N*H*W rows of both operands.
+_TAPS = tuple((i, j) for i in range(3) for j in range(3))
 
 
-def _shifted(t: jax.Array, offsets) -> list[jax.Array]:
-  """Windows of the zero-padded ``t`` (N, H, W, C) at the given (row, col) offsets, each (N, H, W, C)."""
-  n, h, w, c = t.shape
-  t_pad = jnp.pad(t, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  return [lax.slice(t_pad, (0, i, j, 0), (n, i + h, j + w, c)) for i, j in offsets]
-
-
-def _weight_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
-  """dL/dkernel (3, 3, Cin, Cout) of a stride-1 SAME 3x3 conv as GEMMs over the N*H*W rows.
+def _weight_grad(x: jax.Array, dy: jax.Array, method: str) -> jax.Array:
+  """dL/dkernel (3, 3, Cin, Cout) of a stride-1 SAME 3x3 conv, float32 accumulation.
 
   dW[i, j] = sum_p pad(x)[p + (i, j)] dy[p]^T = sum_q x[q] pad(dy)[q + (2 - i, 2 - j)]^T: either operand
-  can be the shifted one, so the narrower one is (fewer bytes copied). Layers with at most 64 channels on
-  both sides and more than 16 on each keep XLA's weight-gradient conv, which is faster there.
+  can be the shifted one, so the narrower one is (fewer bytes copied).
   """
   n, h, w, cin = x.shape
   cout = dy.shape[-1]
-  if _SINGLE_GEMM_MAX_CHANNELS < min(cin, cout) and max(cin, cout) <= _NATIVE_MAX_CHANNELS:
+  if method == "native":
     zero_kernel = jnp.zeros((3, 3, cin, cout), x.dtype)  # Linear in the kernel: its value is unused.
-    return jax.vjp(lambda k: _native_conv(x, k), zero_kernel)[1](dy)[0]
+    return jax.vjp(lambda k: _native_conv(x, k), zero_kernel)[1](dy)[0].astype(jnp.float32)
   rows = n * h * w
-  taps = [(i, j) for i in range(3) for j in range(3)]
-  # Accumulate in float32 even for bfloat16 inputs.
   dot = functools.partial(lax.dot_general, dimension_numbers=_ROWS, preferred_element_type=jnp.float32)
   shift_dy = cout < cin
-  if shift_dy:
-    fixed, shifted = x.reshape(rows, cin), _shifted(dy, [(2 - i, 2 - j) for i, j in taps])
+  narrow, fixed = (dy, x.reshape(rows, cin)) if shift_dy else (x, dy.reshape(rows, cout))
+  c = narrow.shape[-1]
+  padded = jnp.pad(narrow, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  offsets = [(2 - i, 2 - j) if shift_dy else (i, j) for i, j in _TAPS]
+  if method == "im2col":
+    windows = [lax.slice(padded, (0, i, j, 0), (n, i + h, j + w, c)) for i, j in offsets]
+    g = dot(jnp.concatenate(windows, axis=-1).reshape(rows, 9 * c), fixed).reshape(9, c, -1)
+  elif method == "taps":
+    offs = jnp.asarray(offsets, jnp.int32)
+
+    def tap(t, acc):
+      window = lax.dynamic_slice(padded, (0, offs[t, 0], offs[t, 1], 0), (n, h, w, c))
+      return acc.at[t].set(dot(window.reshape(rows, c), fixed))
+
+    g = lax.fori_loop(0, 9, tap, jnp.zeros((9, c, fixed.shape[-1]), jnp.float32))
   else:
-    fixed, shifted = dy.reshape(rows, cout), _shifted(x, taps)
-  c = shifted[0].shape[-1]
-  if c <= _SINGLE_GEMM_MAX_CHANNELS:
-    # One GEMM against the nine narrow windows side by side (an im2col of the narrow operand only).
-    g = dot(jnp.concatenate(shifted, axis=-1).reshape(rows, 9 * c), fixed)  # (9 c, C_fixed)
-    g = g.reshape(3, 3, c, -1)
-  else:
-    g = jnp.stack([dot(s.reshape(rows, c), fixed) for s in shifted]).reshape(3, 3, c, -1)
-  if shift_dy:  # g is (3, 3, Cout, Cin).
-    g = jnp.swapaxes(g, 2, 3)
-  return g.astype(x.dtype)
+    raise ValueError(f"conv3x3: weight_grad must be one of {WEIGHT_GRAD_METHODS}, got {method!r}.")
+  g = g.reshape(3, 3, c, -1)
+  return jnp.swapaxes(g, 2, 3) if shift_dy else g  # shifted dy: g was (3, 3, Cout, Cin).
 
 
-@jax.custom_vjp
-def _fast_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _custom_conv(x: jax.Array, kernel: jax.Array, method: str) -> jax.Array:
+  del method
   return _native_conv(x, kernel)
 
 
-def _fast_conv_fwd(x, kernel):
+def _custom_conv_fwd(x, kernel, method):
+  del method
   return _native_conv(x, kernel), (x, kernel)
 
 
-def _fast_conv_bwd(residuals, dy):
+def _custom_conv_bwd(method, residuals, dy):
   x, kernel = residuals
-  return _input_grad(dy, kernel), _weight_grad(x, dy).astype(kernel.dtype)
+  return _input_grad(dy, kernel), _weight_grad(x, dy, method).astype(kernel.dtype)
 
 
-_fast_conv.defvjp(_fast_conv_fwd, _fast_conv_bwd)
+_custom_conv.defvjp(_custom_conv_fwd, _custom_conv_bwd)
 
 
-def conv3x3(x: jax.Array, kernel: jax.Array, *, fast_cpu: bool = True) -> jax.Array:
+def conv3x3(x: jax.Array, kernel: jax.Array, *, weight_grad: str = "auto") -> jax.Array:
   """3x3 cross-correlation, stride 1, zero padding 1 ("SAME"), no bias.
 
   Args:
     x: (N, H, W, Cin) float array.
     kernel: (3, 3, Cin, Cout) HWIO array of the same dtype as ``x``.
-    fast_cpu: use the custom-VJP (GEMM weight gradient) path when the default backend is CPU. False forces
-      plain ``lax.conv_general_dilated`` everywhere.
+    weight_grad: "auto" (on CPU the ``CPU_WEIGHT_GRAD_TABLE`` choice for this shape, elsewhere XLA's),
+      or one of ``WEIGHT_GRAD_METHODS`` to force one (on any backend; for tests and measurements).
 
   Returns:
-    (N, H, W, Cout) array of ``x``'s dtype. Forward values are identical on both paths; gradients agree to
+    (N, H, W, Cout) array of ``x``'s dtype. Forward values are identical on every path; gradients agree to
     float rounding (about 1e-6 relative in float32).
 
   Raises:
-    ValueError: if the shapes are not NHWC / 3x3 HWIO with matching Cin, or the dtypes differ.
+    ValueError: if the shapes are not NHWC / 3x3 HWIO with matching Cin, the dtypes differ, or
+      ``weight_grad`` is unknown.
   """
   if x.ndim != 4:
     raise ValueError(f"conv3x3: x must be NHWC (4-D), got shape {x.shape}.")
@@ -136,9 +161,17 @@ def conv3x3(x: jax.Array, kernel: jax.Array, *, fast_cpu: bool = True) -> jax.Ar
   if x.dtype != kernel.dtype:
     raise ValueError(f"conv3x3: x ({x.dtype}) and kernel ({kernel.dtype}) must have the same dtype; "
                      "cast them first (Conv3x3 does this for you).")
-  if fast_cpu and jax.default_backend() == "cpu":
-    return _fast_conv(x, kernel)
-  return _native_conv(x, kernel)
+  method = weight_grad
+  if method == "auto":
+    method = "native"
+    if jax.default_backend() == "cpu":
+      method = cpu_weight_grad_method(int(np.prod(x.shape[:3])), x.shape[3], kernel.shape[3])
+  elif method not in WEIGHT_GRAD_METHODS:
+    raise ValueError(f"conv3x3: weight_grad must be 'auto' or one of {WEIGHT_GRAD_METHODS}, got "
+                     f"{weight_grad!r}.")
+  if method == "native":
+    return _native_conv(x, kernel)
+  return _custom_conv(x, kernel, method)
 
 
 def torch_default_bias_init(fan_in: int) -> Initializer:
@@ -171,7 +204,6 @@ class Conv3x3(nn.Module):
     param_dtype: dtype of the stored parameters.
     kernel_init: kernel initializer; default N(0, 0.02) (DRAEM).
     bias_init: bias initializer; None means PyTorch's default U(+-1/sqrt(9 * Cin)), which DRAEM keeps.
-    fast_cpu_conv: use the fast custom-VJP backward on CPU (see module docstring); False forces native.
   """
   features: int
   use_bias: bool = True
@@ -179,7 +211,6 @@ class Conv3x3(nn.Module):
   param_dtype: Any = jnp.float32
   kernel_init: Initializer = DEFAULT_KERNEL_INIT
   bias_init: Initializer | None = None
-  fast_cpu_conv: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -200,28 +231,7 @@ class Conv3x3(nn.Module):
       bias_init = self.bias_init or torch_default_bias_init(9 * cin)
       bias = self.param("bias", bias_init, (self.features,), self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = conv3x3(x, kernel, fast_cpu=self.fast_cpu_conv)
+    y = conv3x3(x, kernel)
     if bias is not None:
       y = y + bias.reshape(1, 1, 1, self.features)
     return y
-
-
-def benchmark(batch: int = 8, size: int = 64, channels: int = 256, repeats: int = 3) -> None:
-  """Prints forward+backward time of one conv, native vs custom VJP (CPU)."""
-  import time  # pylint: disable=g-import-not-at-top
-
-  kx, kk = jax.random.split(jax.random.key(0))
-  x = jax.random.normal(kx, (batch, size, size, channels), jnp.float32)
-  k = 0.02 * jax.random.normal(kk, (3, 3, channels, channels), jnp.float32)
-  gflop = 2 * 9 * batch * size * size * channels * channels / 1e9
-  for fast in (False, True):
-    step = jax.jit(jax.grad(lambda x, k, f=fast: jnp.sum(conv3x3(x, k, fast_cpu=f) ** 2), (0, 1)))
-    jax.block_until_ready(step(x, k))
-    times = []
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      jax.block_until_ready(step(x, k))
-      times.append(time.perf_counter() - t0)
-    best = min(times)
-    print(f"{'custom' if fast else 'native'}: fwd+bwd {best * 1e3:.0f} ms "
-          f"({3 * gflop / best:.0f} GFLOP/s), backend {jax.default_backend()}")

@@ -39,11 +39,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from draem_jax import conv
+from draem_jax import conv as conv_lib
 
 # flax momentum is the weight of the *old* running value: 0.9 here = PyTorch momentum 0.1.
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
+ModuleDef = Any
 
 
 def _bn_scale_init(key, shape, dtype=jnp.float32):
@@ -85,8 +86,43 @@ def upsample2x_align_corners(x: jax.Array) -> jax.Array:
   return jnp.einsum("qw,npwc->npqc", mw, x)
 
 
-def _max_pool(x: jax.Array) -> jax.Array:
-  return nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+@jax.custom_vjp
+def max_pool2x2(x: jax.Array) -> jax.Array:
+  """2x2 max-pool, stride 2 (torch ``nn.MaxPool2d(2)``): (N, H, W, C) -> (N, H/2, W/2, C), H, W even.
+
+  The forward is a reshape and a max over the window axes (the same values as ``nn.max_pool``); the
+  backward sends each gradient to the first maximum of its window in row-major order, as PyTorch and
+  XLA's select-and-scatter do, but as a few comparisons among the window's four values: XLA:CPU's
+  select-and-scatter costs 4-6x more (8x128x128x16: 88 ms vs 24 ms forward + backward), and autodiff of
+  the max (equality with the maximum, divided by the tie count) is not robust to XLA recomputing the
+  input with other rounding (a window with no equal element divides by zero).
+  """
+  return _max_pool_fwd(x)[0]
+
+
+def _windows(x: jax.Array) -> jax.Array:
+  n, h, w, c = x.shape
+  return x.reshape(n, h // 2, 2, w // 2, 2, c)
+
+
+def _max_pool_fwd(x):
+  return jnp.max(_windows(x), axis=(2, 4)), x
+
+
+def _max_pool_bwd(x, g):
+  win = _windows(x)
+  a, b, c, d = win[:, :, 0, :, 0], win[:, :, 0, :, 1], win[:, :, 1, :, 0], win[:, :, 1, :, 1]
+  first = (a >= b) & (a >= c) & (a >= d)
+  second = ~first & (b >= c) & (b >= d)
+  third = ~first & ~second & (c >= d)
+  fourth = ~(first | second | third)
+  zero = jnp.zeros_like(g)
+  rows = [jnp.stack([jnp.where(m0, g, zero), jnp.where(m1, g, zero)], axis=3)
+          for m0, m1 in ((first, second), (third, fourth))]
+  return (jnp.stack(rows, axis=2).reshape(x.shape),)
+
+
+max_pool2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def _check_input(x: jax.Array, multiple: int, what: str) -> None:
@@ -98,20 +134,25 @@ def _check_input(x: jax.Array, multiple: int, what: str) -> None:
                      f"max-pool), got input shape {x.shape}; resize or pad the images, e.g. to 256x256.")
 
 
-def _conv(x, features, index, dtype, fast_cpu_conv):
-  # Called inside a compact method: the conv becomes a child of that module, named by its torch index.
-  return conv.Conv3x3(features, dtype=dtype, fast_cpu_conv=fast_cpu_conv, name=f"conv_{index}")(x)
+# DRAEM's BatchNorm2d. use_fast_variance=False: flax's default E[x^2] - E[x]^2 cancels catastrophically
+# when |mean| >> std (conv outputs with large biases), which made gradients depend on the reduction order,
+# i.e. on the device count, by several percent. The two-pass variance is what PyTorch computes.
+BatchNorm: ModuleDef = functools.partial(nn.BatchNorm, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                                         param_dtype=jnp.float32, scale_init=_bn_scale_init,
+                                         use_fast_variance=False)
 
 
-def _conv_bn_relu(x, features, index, train, dtype, fast_cpu_conv):
-  # torch Sequential layout (conv, BN, ReLU) at indices index, index + 1, index + 2.
-  x = _conv(x, features, index, dtype, fast_cpu_conv)
-  # use_fast_variance=False: flax's default E[x^2] - E[x]^2 cancels catastrophically when |mean| >> std
-  # (conv outputs with large biases), which made gradients depend on the reduction order, i.e. on the
-  # device count, by several percent. The two-pass variance is what PyTorch computes.
-  x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype,
-                   param_dtype=jnp.float32, scale_init=_bn_scale_init, use_fast_variance=False,
-                   name=f"bn_{index + 1}")(x)
+def layers(dtype: Any = jnp.float32, conv: ModuleDef = conv_lib.Conv3x3,
+           norm: ModuleDef = BatchNorm) -> tuple[ModuleDef, ModuleDef]:
+  """The (conv, norm) factories of the blocks, computing in ``dtype`` (parameters stay float32)."""
+  return functools.partial(conv, dtype=dtype), functools.partial(norm, dtype=dtype)
+
+
+def _conv_bn_relu(x, features, index, train, conv, norm):
+  # Called inside a compact method: conv and BN become children of that module, named by their torch
+  # Sequential indices (conv, BN, ReLU at index, index + 1, index + 2).
+  x = conv(features, name=f"conv_{index}")(x)
+  x = norm(use_running_average=not train, name=f"bn_{index + 1}")(x)
   return nn.relu(x)
 
 
@@ -121,107 +162,106 @@ class DoubleConv(nn.Module):
   Attributes:
     mid_features: channels of the first conv.
     features: channels of the second conv (the output).
-    dtype: compute dtype.
-    fast_cpu_conv: see ``conv.Conv3x3``.
+    conv: conv factory ``conv(features, name=...)`` (``layers``).
+    norm: BatchNorm factory ``norm(use_running_average=..., name=...)``.
   """
   mid_features: int
   features: int
-  dtype: Any = jnp.float32
-  fast_cpu_conv: bool = False
+  conv: ModuleDef = conv_lib.Conv3x3
+  norm: ModuleDef = BatchNorm
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    x = _conv_bn_relu(x, self.mid_features, 0, train, self.dtype, self.fast_cpu_conv)
-    return _conv_bn_relu(x, self.features, 3, train, self.dtype, self.fast_cpu_conv)
+    x = _conv_bn_relu(x, self.mid_features, 0, train, self.conv, self.norm)
+    return _conv_bn_relu(x, self.features, 3, train, self.conv, self.norm)
 
 
 class UpBlock(nn.Module):
   """torch ``Sequential(Upsample, conv, BN, ReLU)``: (N, H, W, C) -> (N, 2H, 2W, features); conv_1, bn_2."""
   features: int
-  dtype: Any = jnp.float32
-  fast_cpu_conv: bool = False
+  conv: ModuleDef = conv_lib.Conv3x3
+  norm: ModuleDef = BatchNorm
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     x = upsample2x_align_corners(x)
-    return _conv_bn_relu(x, self.features, 1, train, self.dtype, self.fast_cpu_conv)
+    return _conv_bn_relu(x, self.features, 1, train, self.conv, self.norm)
 
 
 class OutConv(nn.Module):
   """torch ``Sequential(conv)`` (``fin_out``): a bare conv named conv_0, no BN, no activation."""
   features: int
-  dtype: Any = jnp.float32
-  fast_cpu_conv: bool = False
+  conv: ModuleDef = conv_lib.Conv3x3
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    return _conv(x, self.features, 0, self.dtype, self.fast_cpu_conv)
+    return self.conv(self.features, name="conv_0")(x)
 
 
 class ReconstructiveEncoder(nn.Module):
   """block1..block5 with four max-pools: (N, H, W, C) -> (N, H/16, W/16, 8 * width)."""
-  width: int = 128
-  dtype: Any = jnp.float32
-  fast_cpu_conv: bool = False
+  width: int
+  conv: ModuleDef
+  norm: ModuleDef
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    w, kw = self.width, dict(dtype=self.dtype, fast_cpu_conv=self.fast_cpu_conv)
+    w, kw = self.width, dict(conv=self.conv, norm=self.norm)
     x = DoubleConv(w, w, name="block1", **kw)(x, train)
     for k, mult in ((2, 2), (3, 4), (4, 8), (5, 8)):
-      x = DoubleConv(mult * w, mult * w, name=f"block{k}", **kw)(_max_pool(x), train)
+      x = DoubleConv(mult * w, mult * w, name=f"block{k}", **kw)(max_pool2x2(x), train)
     return x
 
 
 class ReconstructiveDecoder(nn.Module):
   """up1..up4 / db1..db4 without skips, then fin_out: (N, h, w, 8 * width) -> (N, 16h, 16w, out)."""
-  width: int = 128
-  out_channels: int = 3
-  dtype: Any = jnp.float32
-  fast_cpu_conv: bool = False
+  width: int
+  out_channels: int
+  conv: ModuleDef
+  norm: ModuleDef
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    w, kw = self.width, dict(dtype=self.dtype, fast_cpu_conv=self.fast_cpu_conv)
+    w, kw = self.width, dict(conv=self.conv, norm=self.norm)
     # (level, channels of upK and of dbK's first conv, channels out of dbK), in multiples of width.
     for k, mid, out in ((1, 8, 4), (2, 4, 2), (3, 2, 1), (4, 1, 1)):
       x = UpBlock(mid * w, name=f"up{k}", **kw)(x, train)
       x = DoubleConv(mid * w, out * w, name=f"db{k}", **kw)(x, train)
-    return OutConv(self.out_channels, name="fin_out", **kw)(x)
+    return OutConv(self.out_channels, conv=self.conv, name="fin_out")(x)
 
 
 class DiscriminativeEncoder(nn.Module):
   """block1..block6 with five max-pools; returns the six block outputs (skips b1..b6)."""
-  width: int = 64
-  dtype: Any = jnp.float32
-  fast_cpu_conv: bool = False
+  width: int
+  conv: ModuleDef
+  norm: ModuleDef
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, ...]:
-    w, kw = self.width, dict(dtype=self.dtype, fast_cpu_conv=self.fast_cpu_conv)
+    w, kw = self.width, dict(conv=self.conv, norm=self.norm)
     feats = [DoubleConv(w, w, name="block1", **kw)(x, train)]
     for k, mult in ((2, 2), (3, 4), (4, 8), (5, 8), (6, 8)):
-      feats.append(DoubleConv(mult * w, mult * w, name=f"block{k}", **kw)(_max_pool(feats[-1]), train))
+      feats.append(DoubleConv(mult * w, mult * w, name=f"block{k}", **kw)(max_pool2x2(feats[-1]), train))
     return tuple(feats)
 
 
 class DiscriminativeDecoder(nn.Module):
   """up_b/db_b, up1..up4/db1..db4 with [up, skip] concatenation, then fin_out."""
-  width: int = 64
-  out_channels: int = 2
-  dtype: Any = jnp.float32
-  fast_cpu_conv: bool = False
+  width: int
+  out_channels: int
+  conv: ModuleDef
+  norm: ModuleDef
 
   @nn.compact
   def __call__(self, feats: tuple[jax.Array, ...], train: bool) -> jax.Array:
-    w, kw = self.width, dict(dtype=self.dtype, fast_cpu_conv=self.fast_cpu_conv)
+    w, kw = self.width, dict(conv=self.conv, norm=self.norm)
     b1, b2, b3, b4, b5, x = feats
     for level, mult, skip in (("_b", 8, b5), ("1", 4, b4), ("2", 2, b3), ("3", 1, b2), ("4", 1, b1)):
       x = UpBlock(mult * w, name=f"up{level}", **kw)(x, train)
       # Concat order [up-output, skip] as in the original (matters for converted checkpoints).
       x = jnp.concatenate([x, skip], axis=-1)
       x = DoubleConv(mult * w, mult * w, name=f"db{level}", **kw)(x, train)
-    return OutConv(self.out_channels, name="fin_out", **kw)(x)
+    return OutConv(self.out_channels, conv=self.conv, name="fin_out")(x)
 
 
 class ReconstructiveSubNetwork(nn.Module):
@@ -231,14 +271,12 @@ class ReconstructiveSubNetwork(nn.Module):
     base_width: channels of the first block (128 in DRAEM).
     out_channels: output channels (3).
     dtype: compute dtype; parameters and BN statistics stay float32 and the output is float32.
-    fast_cpu_conv: custom CPU conv backward (``conv.conv3x3``): 5-15% faster train steps on CPU but
-      about 2.3x the activation memory (full width, 256x256, batch 8: 31 GB of temporaries against 13 GB
-      native), so off by default; no effect on GPU/TPU.
+    conv: conv module class, called as ``conv(features, dtype=, name=)`` (default ``conv.Conv3x3``).
   """
   base_width: int = 128
   out_channels: int = 3
   dtype: Any = jnp.float32
-  fast_cpu_conv: bool = False
+  conv: ModuleDef = conv_lib.Conv3x3
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -253,7 +291,8 @@ class ReconstructiveSubNetwork(nn.Module):
       (N, H, W, out_channels) float32 reconstruction (unbounded, no output activation).
     """
     _check_input(x, 16, "ReconstructiveSubNetwork")
-    kw = dict(width=self.base_width, dtype=self.dtype, fast_cpu_conv=self.fast_cpu_conv)
+    conv, norm = layers(self.dtype, self.conv)
+    kw = dict(width=self.base_width, conv=conv, norm=norm)
     z = ReconstructiveEncoder(name="encoder", **kw)(x, train)
     y = ReconstructiveDecoder(out_channels=self.out_channels, name="decoder", **kw)(z, train)
     return y.astype(jnp.float32)
@@ -266,14 +305,12 @@ class DiscriminativeSubNetwork(nn.Module):
     base_width: channels of the first block (64 in DRAEM).
     out_channels: output channels (2 logits: normal, anomalous).
     dtype: compute dtype; parameters and BN statistics stay float32 and the output is float32.
-    fast_cpu_conv: custom CPU conv backward (``conv.conv3x3``): 5-15% faster train steps on CPU but
-      about 2.3x the activation memory (full width, 256x256, batch 8: 31 GB of temporaries against 13 GB
-      native), so off by default; no effect on GPU/TPU.
+    conv: conv module class, as in ``ReconstructiveSubNetwork``.
   """
   base_width: int = 64
   out_channels: int = 2
   dtype: Any = jnp.float32
-  fast_cpu_conv: bool = False
+  conv: ModuleDef = conv_lib.Conv3x3
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -287,7 +324,8 @@ class DiscriminativeSubNetwork(nn.Module):
       (N, H, W, out_channels) float32 logits; softmax over the last axis is applied by the caller.
     """
     _check_input(x, 32, "DiscriminativeSubNetwork")
-    kw = dict(width=self.base_width, dtype=self.dtype, fast_cpu_conv=self.fast_cpu_conv)
+    conv, norm = layers(self.dtype, self.conv)
+    kw = dict(width=self.base_width, conv=conv, norm=norm)
     feats = DiscriminativeEncoder(name="encoder_segment", **kw)(x, train)
     y = DiscriminativeDecoder(out_channels=self.out_channels, name="decoder_segment", **kw)(feats, train)
     return y.astype(jnp.float32)
@@ -307,22 +345,23 @@ class DRAEM(nn.Module):
     disc_width: base width of the discriminative net (64).
     dtype: compute dtype (float32 or bfloat16); params, BN statistics and outputs are float32.
     disc_input_order: "recon_image" (original DRAEM and its released checkpoints) feeds the discriminator
-      [reconstruction, image]; "image_recon" feeds [image, reconstruction] (anomalib checkpoints).
-    fast_cpu_conv: custom CPU conv backward (``conv.conv3x3``): 5-15% faster train steps on CPU but
-      about 2.3x the activation memory (full width, 256x256, batch 8: 31 GB of temporaries against 13 GB
-      native), so off by default; no effect on GPU/TPU.
+      [reconstruction, image]; "image_recon" feeds [image, reconstruction] (anomalib's order; the
+      converter instead swaps the first discriminator conv's input channels, so converted anomalib
+      weights run with the default).
+    conv: conv module class of both nets (default ``conv.Conv3x3``; its CPU backward is chosen per layer
+      shape, see ``conv.py``).
   """
   recon_width: int = 128
   disc_width: int = 64
   dtype: Any = jnp.float32
   disc_input_order: str = "recon_image"
-  fast_cpu_conv: bool = False
+  conv: ModuleDef = conv_lib.Conv3x3
 
   def setup(self):
     if self.disc_input_order not in DISC_INPUT_ORDERS:
       raise ValueError(f"DRAEM.disc_input_order must be one of {DISC_INPUT_ORDERS}, got "
                        f"{self.disc_input_order!r}.")
-    kw = dict(dtype=self.dtype, fast_cpu_conv=self.fast_cpu_conv)
+    kw = dict(dtype=self.dtype, conv=self.conv)
     self.reconstructive = ReconstructiveSubNetwork(base_width=self.recon_width, out_channels=3, **kw)
     self.discriminative = DiscriminativeSubNetwork(base_width=self.disc_width, out_channels=2, **kw)
 

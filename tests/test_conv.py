@@ -1,4 +1,4 @@
-"""Tests for draem_jax.conv: the custom-VJP 3x3 conv against XLA's native conv and NumPy float64."""
+"""Tests for draem_jax.conv: every weight-gradient path against XLA's native conv and NumPy float64."""
 
 import flax.linen as nn
 import jax
@@ -50,47 +50,66 @@ def _data(shape=(2, 12, 10, 8), cout=16, dtype=jnp.float32, seed=0):
   return x, k, g
 
 
-def _grads(fast, x, k, g):
-  loss = lambda x, k: jnp.sum(conv.conv3x3(x, k, fast_cpu=fast) * g)
+def _grads(method, x, k, g):
+  def loss(x, k):
+    return jnp.sum(conv.conv3x3(x, k, weight_grad=method) * g)
+
   return jax.jit(jax.grad(loss, (0, 1)))(x, k)
 
 
 def test_forward_equals_lax_and_numpy():
   x, k, _ = _data()
   native = lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  for fast in (True, False):
-    y = jax.jit(lambda x, k, f=fast: conv.conv3x3(x, k, fast_cpu=f))(x, k)
+  for method in ("auto",) + conv.WEIGHT_GRAD_METHODS:
+    y = jax.jit(lambda x, k, m=method: conv.conv3x3(x, k, weight_grad=m))(x, k)
     assert y.shape == (2, 12, 10, 16) and y.dtype == jnp.float32
     np.testing.assert_array_equal(y, native)
     assert _rel(y, _np_conv3x3(x, k)) < 1e-6
 
 
-# (Cin, Cout): the narrower side is shifted; <= 16 channels there -> one GEMM; both sides in (16, 64] ->
-# XLA's weight gradient; else nine GEMMs.
+# (Cin, Cout): the narrower side is the shifted one (dy when Cout < Cin), both orders for each method.
 @pytest.mark.numerics
-@pytest.mark.parametrize("cin,cout", [(8, 16), (16, 8), (3, 96), (96, 2), (72, 80), (80, 72), (32, 48)])
-def test_gradients_equal_native_and_numpy(cin, cout):
+@pytest.mark.parametrize("method", ["taps", "im2col"])
+@pytest.mark.parametrize("cin,cout", [(8, 16), (16, 8), (3, 96), (96, 2), (72, 80), (80, 72)])
+def test_gradients_equal_native_and_numpy(method, cin, cout):
   x, k, g = _data(shape=(2, 6, 5, cin), cout=cout)
-  dx_fast, dk_fast = _grads(True, x, k, g)
-  dx_nat, dk_nat = _grads(False, x, k, g)
+  dx_custom, dk_custom = _grads(method, x, k, g)
+  dx_nat, dk_nat = _grads("native", x, k, g)
   dx_np, dk_np = _np_conv3x3_grads(x, k, g)
-  assert dx_fast.shape == x.shape and dk_fast.shape == k.shape
-  assert _rel(dx_fast, dx_nat) < 1e-5 and _rel(dk_fast, dk_nat) < 1e-5
-  assert _rel(dx_fast, dx_np) < 1e-5 and _rel(dk_fast, dk_np) < 1e-5
+  assert dx_custom.shape == x.shape and dk_custom.shape == k.shape
+  assert _rel(dx_custom, dx_nat) < 1e-5 and _rel(dk_custom, dk_nat) < 1e-5
+  assert _rel(dx_custom, dx_np) < 1e-5 and _rel(dk_custom, dk_np) < 1e-5
   assert _rel(dx_nat, dx_np) < 1e-5 and _rel(dk_nat, dk_np) < 1e-5
 
 
-@pytest.mark.parametrize("cin,cout,fast,dots", [(8, 16, True, 1), (72, 80, True, 9), (8, 16, False, 0)])
-def test_fast_path_used_only_when_asked(cin, cout, fast, dots):
-  # On CPU the fast weight gradient is GEMMs (dot_general); the native backward has none.
-  x, k, g = _data(shape=(2, 6, 5, cin), cout=cout)
-  loss = lambda x, k: jnp.sum(conv.conv3x3(x, k, fast_cpu=fast) * g)
-  assert str(jax.make_jaxpr(jax.grad(loss, (0, 1)))(x, k)).count("dot_general") == dots
+def test_auto_uses_the_table_on_cpu():
+  # Each measured shape maps to its own entry; a shape between entries takes the nearest (log scale).
+  for (rows, cin, cout), method in conv.CPU_WEIGHT_GRAD_TABLE:
+    assert conv.cpu_weight_grad_method(rows, cin, cout) == method
+  assert {m for _, m in conv.CPU_WEIGHT_GRAD_TABLE} <= set(conv.WEIGHT_GRAD_METHODS)
+  # What "auto" lowers to: native has no dot_general in its backward, im2col one, taps a loop of them.
+  x, k, g = _data(shape=(2, 6, 5, 8), cout=16)
+
+  def jaxpr(method):
+    def loss(x, k):
+      return jnp.sum(conv.conv3x3(x, k, weight_grad=method) * g)
+
+    return str(jax.make_jaxpr(jax.grad(loss, (0, 1)))(x, k))
+
+  assert jaxpr("native").count("dot_general") == 0
+  assert jaxpr("im2col").count("dot_general") == 1
+  loops = ("scan[", "while[")
+  assert any(p in jaxpr("taps") for p in loops) and not any(p in jaxpr("im2col") for p in loops)
+  expected = conv.cpu_weight_grad_method(2 * 6 * 5, 8, 16)
+  assert jaxpr("auto") == jaxpr(expected)
+  with pytest.raises(ValueError, match="weight_grad"):
+    conv.conv3x3(x, k, weight_grad="fast")
 
 
-def test_bfloat16_gradients():
+@pytest.mark.parametrize("method", conv.WEIGHT_GRAD_METHODS)
+def test_bfloat16_gradients(method):
   x, k, g = _data(dtype=jnp.bfloat16)
-  dx, dk = _grads(True, x, k, g)
+  dx, dk = _grads(method, x, k, g)
   assert dx.dtype == jnp.bfloat16 and dk.dtype == jnp.bfloat16
   dx_np, dk_np = _np_conv3x3_grads(x.astype(jnp.float32), k.astype(jnp.float32), g.astype(jnp.float32))
   assert _rel(dx, dx_np) < 2e-2 and _rel(dk, dk_np) < 2e-2
@@ -101,10 +120,13 @@ def test_sharded_batch_gradients_match_single_device():
   mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
   x, k, g = _data(shape=(8, 8, 8, 4), cout=8)
   data = NamedSharding(mesh, P("data"))
-  loss = lambda x, k, g: jnp.sum(conv.conv3x3(x, k) * g)
-  dx, dk = jax.jit(jax.grad(loss, (0, 1)))(jax.device_put(x, data), k, jax.device_put(g, data))
   dx_np, dk_np = _np_conv3x3_grads(x, k, g)
-  assert _rel(dx, dx_np) < 1e-5 and _rel(dk, dk_np) < 1e-5
+  for method in conv.WEIGHT_GRAD_METHODS:
+    def loss(x, k, g, m=method):
+      return jnp.sum(conv.conv3x3(x, k, weight_grad=m) * g)
+
+    dx, dk = jax.jit(jax.grad(loss, (0, 1)))(jax.device_put(x, data), k, jax.device_put(g, data))
+    assert _rel(dx, dx_np) < 1e-5 and _rel(dk, dk_np) < 1e-5, method
 
 
 def test_module_matches_nn_conv():

@@ -299,6 +299,32 @@ def test_upsample_matches_numpy_align_corners():
   np.testing.assert_array_equal(one, np.full((1, 2, 2, 2), 4.0))
 
 
+def test_max_pool_matches_flax_values_and_first_max_gradient():
+  # Forward = nn.max_pool; backward = select-and-scatter (the first maximum of each window in row-major
+  # order takes the gradient, as PyTorch's MaxPool2d), ties and all-equal windows included.
+  rng = np.random.default_rng(7)
+  x = rng.normal(size=(2, 8, 6, 3)).astype(np.float32)
+  x[0, :2, :2, 0] = 0.0  # a window of four equal values
+  x[0, 2:4, 0:2, 1] = [[1.0, 2.0], [2.0, 0.0]]  # a tie between positions (0, 1) and (1, 0)
+  x[1] = np.maximum(x[1], 0.0)  # ReLU-like zeros
+  g = jnp.asarray(rng.normal(size=(2, 4, 3, 3)), jnp.float32)
+
+  def flax_pool(v):
+    return flax.linen.max_pool(v, (2, 2), strides=(2, 2), padding="VALID")
+
+  np.testing.assert_array_equal(models.max_pool2x2(x), flax_pool(x))
+  got = jax.vjp(models.max_pool2x2, jnp.asarray(x))[1](g)[0]
+  np.testing.assert_array_equal(got, jax.vjp(flax_pool, jnp.asarray(x))[1](g)[0])
+  # Brute force: each window's first maximum gets the window's gradient.
+  want = np.zeros_like(x)
+  for n, i, j, c in np.ndindex(2, 4, 3, 3):
+    window = x[n, 2 * i:2 * i + 2, 2 * j:2 * j + 2, c].reshape(-1)
+    k = int(np.argmax(window))  # numpy: the first maximum
+    want[n, 2 * i + k // 2, 2 * j + k % 2, c] = g[n, i, j, c]
+  np.testing.assert_array_equal(got, want)
+  assert got[0, 0, 0, 0] == g[0, 0, 0, 0] and got[0, 2, 1, 1] == g[0, 1, 0, 1]
+
+
 @pytest.mark.numerics
 @pytest.mark.parametrize("block", ["double", "up"])
 def test_blocks_match_numpy_train_and_eval(block):
@@ -423,7 +449,8 @@ def test_bfloat16_block_close_to_float32():
   variables = _np_variables(models.DoubleConv(16, 16), x.shape)
   outs = {}
   for dtype in (jnp.float32, jnp.bfloat16):
-    block = models.DoubleConv(16, 16, dtype=dtype)
+    conv, norm = models.layers(dtype)
+    block = models.DoubleConv(16, 16, conv=conv, norm=norm)
     outs[dtype], stats = block.apply(variables, x, train=True, mutable=["batch_stats"])
     assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(stats))
   assert outs[jnp.bfloat16].dtype == jnp.bfloat16
