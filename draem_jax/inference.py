@@ -16,6 +16,7 @@ axis; every process passes the same images (validation sets are small and held b
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -48,6 +49,14 @@ def filtered_max(amap: np.ndarray, filter_size: int) -> float:
                                                    mode="constant", cval=0.0)))
 
 
+@functools.lru_cache(maxsize=16)
+def _jitted_infer(model, filter_size: int, bgr: bool, mesh):
+  """One compiled forward pass per (model, score filter, channel order, mesh): Inferencers share it."""
+  infer = steps.make_infer_fn(model, filter_size=filter_size, bgr=bgr)
+  repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
+  return jax.jit(lambda v, x: infer(v, x)[:2], in_shardings=(repl, data), out_shardings=(data, data))
+
+
 class Inferencer:
   """Maps and scores of a model on images of any size (see the module docstring)."""
 
@@ -69,10 +78,7 @@ class Inferencer:
     devices = parallel.num_devices(self._data)
     b = max(1, int(batch_size or config.eval.batch_size))
     self.batch_size = -(-b // devices) * devices
-    infer = steps.make_infer_fn(model, filter_size=self.filter_size,
-                                bgr=(config.get("channel_order", "rgb") == "bgr"))
-    self._infer = jax.jit(lambda v, x: infer(v, x)[:2], in_shardings=(self._repl, self._data),
-                          out_shardings=(self._data, self._data))
+    self._infer = _jitted_infer(model, self.filter_size, config.get("channel_order", "rgb") == "bgr", mesh)
     self.variables = jax.device_put(variables, self._repl)
 
   def model_size(self, images: np.ndarray, variables=None) -> tuple[np.ndarray, np.ndarray]:

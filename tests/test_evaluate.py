@@ -53,8 +53,15 @@ def data_root(tmp_path_factory):
   return root
 
 
-def test_normal_only_and_oracle_decisions(data_root, tmp_path):
-  config, model, variables = _make_run(tmp_path, data_root, "mini")
+@pytest.fixture(scope="module")
+def mini_run(data_root, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("mini_run")
+  return workdir, _make_run(workdir, data_root, "mini")
+
+
+def test_normal_only_and_oracle_decisions(mini_run, tmp_path):
+  source, (config, model, variables) = mini_run
+  shutil.copytree(source, tmp_path, dirs_exist_ok=True)
   printed = []
   results = evaluate.evaluate_workdir(tmp_path, echo=printed.append)
   th = rundir.read_thresholds(tmp_path, STEP)
@@ -118,8 +125,8 @@ def test_normal_only_and_oracle_decisions(data_root, tmp_path):
   assert printed and "| image AUROC |" in printed[-1]
 
 
-def test_missing_thresholds_are_calibrated_from_the_recorded_split(data_root, tmp_path):
-  _make_run(tmp_path, data_root, "mini")
+def test_missing_thresholds_are_calibrated_from_the_recorded_split(mini_run, tmp_path):
+  shutil.copytree(mini_run[0], tmp_path, dirs_exist_ok=True)
   stored = rundir.read_thresholds(tmp_path, STEP)
   (tmp_path / rundir.THRESHOLDS_FILE).unlink()
   results = evaluate.evaluate_workdir(tmp_path, echo=lambda s: None)
