@@ -291,3 +291,13 @@ def test_parallel_map_keeps_order_uses_threads_and_raises():
 
   with pytest.raises(ValueError, match="item 5 is bad"):
     image_io.parallel_map(fail_on_five, range(10), num_workers=3)
+
+
+def test_decompression_bomb_is_one_line_naming_the_file_and_the_setting(tmp_path, monkeypatch):
+  path = tmp_path / "huge.png"
+  Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(path)
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64*64 > 2 * 1000: PIL's bomb error
+  with pytest.raises(ValueError) as e:
+    image_io.load_rgb(path)
+  text = str(e.value)
+  assert str(path) in text and image_io.MAX_PIXELS_ENV in text and "\n" not in text

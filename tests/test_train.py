@@ -165,8 +165,9 @@ def test_train_evaluate_predict_cli(tmp_path, demo_root):
 
 def test_cli_bad_inputs_give_clear_errors(tmp_path):
   r = _cli("draem_jax.train", "--config=configs/demo.py", f"--workdir={tmp_path}",
-           "--config.no_such_key=1")
-  assert r.returncode != 0 and "no_such_key" in r.stderr
+           "--config.num_epoch=1")
+  assert r.returncode != 0 and "Traceback" not in r.stderr
+  assert "did you mean --config.num_epochs?" in r.stderr.strip().splitlines()[-1]
 
   r = _cli("draem_jax.evaluate", f"--workdir={tmp_path / 'missing'}")
   assert r.returncode != 0

@@ -67,6 +67,13 @@ def is_image_file(path: str | os.PathLike) -> bool:
   return os.fspath(path).lower().endswith(IMAGE_EXTENSIONS)
 
 
+# PIL refuses images over 2 x Image.MAX_IMAGE_PIXELS (~179 Mpx) as decompression bombs; this variable
+# raises the limit for genuine large images (read once, at import).
+MAX_PIXELS_ENV = "DRAEM_MAX_IMAGE_PIXELS"
+if os.environ.get(MAX_PIXELS_ENV):
+  Image.MAX_IMAGE_PIXELS = int(os.environ[MAX_PIXELS_ENV])
+
+
 def _open(path: str | os.PathLike) -> Image.Image:
   """Opens and fully decodes ``path`` with EXIF orientation applied (as ``cv2.imread`` does)."""
   path = os.fspath(path)
@@ -76,6 +83,10 @@ def _open(path: str | os.PathLike) -> Image.Image:
     with Image.open(path) as im:
       im.load()  # Decode now so truncated/corrupt files fail here, with the file name.
       return ImageOps.exif_transpose(im)
+  except Image.DecompressionBombError as e:
+    raise ValueError(
+        f"{path} is larger than PIL's decompression-bomb limit ({e}). If the image is genuine, allow it "
+        f"with the environment variable {MAX_PIXELS_ENV}=<pixels> (predict: --max_image_pixels).") from None
   except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
     raise ValueError(
         f"cannot decode image file {path}: {e}. Re-save it as PNG/JPEG/BMP/TIFF or remove it "
