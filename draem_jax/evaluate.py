@@ -307,8 +307,8 @@ def write_report(workdir, results: dict[str, Any], test, maps, scores, history, 
     if th:
       lines = {"normal-only": th["image"], **lines}
     plots["histogram"] = report.score_histogram(test.labels, scores, lines)
-    gallery = report.gallery_items(test, maps, scores, image_t, pixel_t,
-                                   max(num_visualizations, 0), min_area=min_area)
+    gallery = report.gallery_items(test, maps, scores, image_t, pixel_t, max(16, 2 * num_visualizations),
+                                   min_area=min_area)
     _write_overlays(eval_dir / "overlays", test, maps, scores, image_t, pixel_t, num_visualizations,
                     min_area, "normal-only" if th else "oracle")
   test_points = {results["step"]: results["pixel_ap"]} if "pixel_ap" in results else {}

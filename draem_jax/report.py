@@ -181,7 +181,8 @@ def _img(b64: str, alt: str, width: int | None = None) -> str:
 
 def gallery_items(test, maps, scores, image_threshold: float, pixel_threshold: float,
                   num: int, min_area: int = 1) -> list[dict[str, Any]]:
-  """Gallery entries, highest score first: every false positive and negative, then evenly spaced others.
+  """Gallery entries, highest score first: false positives and negatives (at most half of ``num``, the
+  highest scoring of each kind first), the rest evenly spaced over the correctly decided images.
 
   Returns:
     dicts with ``index``, ``score``, ``mark`` ("TP", "FP", "FN", "TN"), ``png`` (base64) and ``caption``.
@@ -192,7 +193,10 @@ def gallery_items(test, maps, scores, image_threshold: float, pixel_threshold: f
   flagged = scores >= image_threshold
   marks = np.where(labels, np.where(flagged, "TP", "FN"), np.where(flagged, "FP", "TN"))
   order = np.argsort(-scores, kind="stable")
-  errors = [i for i in order if marks[i] in ("FP", "FN")][:num]
+  fps = [i for i in order if marks[i] == "FP"]
+  fns = [i for i in order if marks[i] == "FN"]
+  half = max(1, num // 2)
+  errors = (fps[:max(half // 2, half - len(fns))] + fns[:max(half - half // 2, half - len(fps))])[:half]
   rest = [i for i in order if marks[i] in ("TP", "TN")]
   room = max(0, num - len(errors))
   if rest and room:
