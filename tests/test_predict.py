@@ -191,3 +191,16 @@ def test_cli_decompression_bomb_and_output_file(run_dir, tmp_path):
   assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
       f"error: --output={afile} is a file, not a folder; give a folder for the predictions.")
   assert afile.read_text() == "keep me"
+
+
+def test_tiled_prediction_keeps_the_input_size(run_dir, tmp_path):
+  _set_thresholds(run_dir, STEP, image=0.5, pixel=0.5)
+  img = tmp_path / "wide.png"
+  Image.fromarray(np.random.default_rng(3).integers(0, 256, (45, 100, 3), dtype=np.uint8)).save(img)
+  out = tmp_path / "out"
+  predict.predict_files(run_dir, [str(img)], str(out), tile=True, tile_overlap=0.5)
+  record = json.loads((out / predict.JSONL_FILE).read_text())
+  assert (record["height"], record["width"]) == (45, 100)
+  assert Image.open(out / "wide_mask.png").size == (100, 45)
+  settings = json.loads((out / predict.SETTINGS_FILE).read_text())
+  assert settings["tile"] is True and settings["tile_overlap"] == 0.5 and settings["step"] == STEP
