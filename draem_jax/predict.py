@@ -190,6 +190,11 @@ def load_image(path: str) -> np.ndarray:
   does), so images between the limit and twice the limit are refused too instead of decoded.
   """
   try:
+    try:  # the header first: PIL's size check names the pixel count (decoding happens once, below)
+      with Image.open(path):
+        pass
+    except (OSError, ValueError, SyntaxError):
+      pass  # unreadable: load_rgb names the file and the reason
     return image_io.load_rgb(path)
   except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
     m = re.search(r"\((\d+) pixels\)", str(e))
