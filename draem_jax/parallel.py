@@ -113,6 +113,18 @@ def to_global(host_batch: Any, sharding: jax.sharding.Sharding) -> Any:
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), host_batch)
 
 
+def replicate(host_array: np.ndarray, mesh: Mesh) -> jax.Array:
+  """A host array that every process holds whole, as a global array with a full copy on every device.
+
+  Built from each device's slice (``make_array_from_callback``) rather than ``jax.device_put``, which
+  on multi-process runs first checks with a collective that all processes passed equal values: a
+  collective that times out when one process reaches it much later than another (the training set
+  and the anomaly sources are decoded by every process from the same files anyway).
+  """
+  host_array = np.asarray(host_array)
+  return jax.make_array_from_callback(host_array.shape, replicated(mesh), lambda index: host_array[index])
+
+
 def gather_to_host(x: Any) -> Any:
   """Fetches a pytree of (possibly process-sharded) arrays as full NumPy arrays on every process.
 

@@ -30,6 +30,9 @@ from draem_jax import tiling
 from draem_jax.data import pipeline
 
 
+_CROP_SALT = 0x7FFFFFFF
+
+
 @flax.struct.dataclass
 class TrainState:
   """Everything a resumed run needs besides the config (the data position is a function of ``step``).
@@ -152,7 +155,8 @@ def train_step(state: TrainState, train_images: jax.Array, sources: jax.Array, *
   index = pipeline.batch_indices(state.step, train_images.shape[0], batch_size, data_seed)
   rows = train_images[index]
   if crop_size is not None:
-    rows = tiling.random_crops(jax.random.fold_in(step_key, 1), rows, crop_size)
+    # A salt that is never an example index: synthesis gives example i the key fold_in(step_key, i).
+    rows = tiling.random_crops(jax.random.fold_in(step_key, _CROP_SALT), rows, crop_size)
   images = pipeline.to_unit_float_device(rows)
   if batch_sharding is not None:
     images = jax.lax.with_sharding_constraint(images, batch_sharding)

@@ -185,8 +185,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
     rundir.write_config(workdir, config)
   sources = datasets.load_anomaly_sources(config)
   train_images, vset = validation.prepare(config, workdir, train_split, sources)
-  train_images = jax.device_put(train_images, repl)
-  sources = jax.device_put(sources, repl)
+  train_images = parallel.replicate(train_images, mesh)
+  sources = parallel.replicate(sources, mesh)
 
   # -- Model, optimizer and state, built directly with the replicated sharding.
   model = steps.build_model(config)

@@ -47,7 +47,7 @@ def main():
                   out_shardings=repl)(key)
   step_fn = steps.jit_train_step(mesh, model=model, tx=tx, synthesis_config=synthesis.SynthesisConfig(),
                                  schedule=schedule, batch_size=BATCH, data_seed=0)
-  images, sources = jax.device_put(images, repl), jax.device_put(sources, repl)
+  images, sources = parallel.replicate(images, mesh), parallel.replicate(sources, mesh)
   losses = []
   for _ in range(NUM_STEPS):
     state, metrics = step_fn(state, images, sources)

@@ -35,9 +35,9 @@ def _run(nproc: int, per_process: int) -> dict:
     for p in procs:
       if p.poll() is None:
         p.kill()
-  for p, (out, err) in zip(procs, outs):
+  for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, f"worker failed (rc {p.returncode}):\n{err[-3000:]}"
-  line = [l for l in outs[0][0].splitlines() if l.startswith("{")][-1]
+  line = [text for text in outs[0][0].splitlines() if text.startswith("{")][-1]
   return json.loads(line)
 
 

@@ -38,7 +38,10 @@ def sources():
   return np.random.default_rng(1).integers(0, 256, (NUM_SOURCES, H, W, 3), dtype=np.uint8)
 
 
-def jitted(config=synthesis.SynthesisConfig()):
+DEFAULT = synthesis.SynthesisConfig()
+
+
+def jitted(config=DEFAULT):
   # A fresh function each time: jit caches traces per function object, and the stand-in must not leak.
   return jax.jit(lambda key, x, s: synthesis.synthesize(key, x, s, config=config))
 
@@ -49,7 +52,7 @@ def _choices(key, num, config):
   return jax.vmap(lambda k: synthesis.sample_choices(k, NUM_SOURCES, config))(keys)
 
 
-def choices(key, num, config=synthesis.SynthesisConfig()):
+def choices(key, num, config=DEFAULT):
   """The per-example random decisions synthesize makes for a batch of ``num`` (NumPy)."""
   return jax.device_get(_choices(key, num, config)._replace(mask_key=None, augment_key=None))
 

@@ -152,7 +152,7 @@ def test_train_evaluate_predict_cli(tmp_path, demo_root):
   r = _cli("draem_jax.predict", f"--workdir={workdir}", f"--input={inputs}", f"--output={out}")
   assert r.returncode == 0, r.stderr[-3000:]
   rows = (out / "predictions.csv").read_text().splitlines()
-  assert len(rows) == 4 and rows[0] == "path,score,anomalous,heatmap,mask"
+  assert len(rows) == 4 and rows[0] == "path,status,score,anomalous,num_regions,heatmap,mask,error"
   assert len(list(out.glob("*_heatmap.png"))) == 3 and len(list(out.glob("*_mask.png"))) == 3
 
   # Bad input: an unreadable image is named in one clear line, not a traceback.

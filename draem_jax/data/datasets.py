@@ -76,10 +76,11 @@ def check_category(config, workdir: str) -> None:
 
 
 def load_split(config, workdir: str, split: str) -> folder.CategoryData:
-  """One split ("train" or "test") of ``config.category``, resized to ``config.image_size``; the
-  training split of a ``config.train_crop`` run to ``config.load_size`` (cropped on the device)."""
+  """One split ("train" or "test") of ``config.category``, resized to ``config.image_size``; for a
+  ``config.train_crop`` run to ``config.load_size`` (cropped on the device in training, tiled in
+  evaluation)."""
   size = _image_size(config)
-  if split == "train" and config.train_crop:
+  if config.train_crop:  # crops in training, tiles at this resolution in evaluation
     size = (int(config.load_size), int(config.load_size))
   root = data_root(config, workdir)
   mask_rule = config.mask_rule
