@@ -31,7 +31,6 @@ XLA's multi-threaded Eigen. The default uses every core this process may run on,
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import platform
@@ -326,7 +325,7 @@ def machine_info(threads: int) -> dict[str, Any]:
   model = ""
   try:
     with open("/proc/cpuinfo", encoding="utf-8") as f:
-      model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
+      model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
   except OSError:
     pass
   try:
@@ -448,7 +447,7 @@ def bench_synthesis(cfg: BenchConfig, anomalib: Anomalib, threads: int) -> list[
     compile_s = time.perf_counter() - t0
     counter = iter(range(1 << 30))
 
-    def run_jax():
+    def run_jax(compiled=compiled, key=key, counter=counter, images=images):  # bound per batch size
       out = compiled(jax.random.fold_in(key, next(counter)), images, textures)
       jax.block_until_ready(out)
 
@@ -459,7 +458,7 @@ def bench_synthesis(cfg: BenchConfig, anomalib: Anomalib, threads: int) -> list[
                          "images_per_s_per_core": ips / threads}}
     other = None
     if anomalib.available:
-      def run_anomalib():
+      def run_anomalib(batch=batch):
         torch = anomalib.torch
         gen = anomalib.generator_cls(anomaly_source_path=cfg.resolved_texture_dir(), probability=0.5)
         x = _to_torch(anomalib, _normal_images(batch, size))
@@ -483,18 +482,20 @@ def _jax_train_setup(cfg: BenchConfig, image_size: int, global_batch: int, devic
   from draem_jax import models, parallel, steps, synthesis  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   mesh = parallel.make_mesh(devices)
-  repl, data_sh = parallel.replicated(mesh), parallel.data_sharding(mesh)
+  repl = parallel.replicated(mesh)
   model = models.DRAEM(recon_width=cfg.recon_width, disc_width=cfg.disc_width)
-  tx = steps.make_optimizer(optax.constant_schedule(1e-4))
+  schedule = optax.constant_schedule(1e-4)
+  tx = steps.make_optimizer(schedule)
   variables = _random_variables(model, image_size)
   state = jax.device_put(steps.TrainState(
       step=jax.numpy.zeros((), jax.numpy.int32), params=variables["params"],
       batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
       key=jax.random.key(1)), repl)
-  step = jax.jit(steps.make_train_step(model, tx, synthesis.SynthesisConfig()),
-                 in_shardings=(repl, data_sh, repl), out_shardings=(repl, repl), donate_argnums=0)
-  images = jax.device_put(_normal_images(global_batch, image_size), data_sh)
-  textures = jax.device_put(_textures(cfg, image_size), repl)
+  # The library's own jitted step; the batch is the whole (global-batch-sized) image set on the devices.
+  step = steps.jit_train_step(mesh, model=model, tx=tx, synthesis_config=synthesis.SynthesisConfig(),
+                              schedule=schedule, batch_size=global_batch, data_seed=0)
+  images = parallel.replicate(_normal_images(global_batch, image_size), mesh)
+  textures = parallel.replicate(_textures(cfg, image_size), mesh)
   return state, step, images, textures
 
 
@@ -633,12 +634,9 @@ def bench_scaling(cfg: BenchConfig, anomalib: Anomalib, threads: int) -> list[di
 
 
 def _load_mvtec_config(cfg: BenchConfig):
-  """configs/mvtec.py with the quality section's overrides."""
-  spec = importlib.util.spec_from_file_location(
-      "draem_bench_mvtec_config", os.path.join(_REPO_ROOT, "configs", "mvtec.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(cfg.category)
+  """The recipe of configs/mvtec.py (``recipes.mvtec``) with the quality section's overrides."""
+  from draem_jax import recipes  # pylint: disable=g-import-not-at-top
+  c = recipes.mvtec(cfg.category)
   c.dataset = "folder"
   c.data_dir = cfg.resolved_data_dir()
   c.anomaly_source_path = cfg.resolved_texture_dir()
@@ -646,7 +644,7 @@ def _load_mvtec_config(cfg: BenchConfig):
   c.image_size = cfg.quality_image_size
   c.model.recon_width, c.model.disc_width = cfg.recon_width, cfg.disc_width
   c.batch_size = cfg.quality_batch_size
-  c.lr_schedule = "constant"
+  c.lr_decay_fractions = ()  # constant learning rate over the short budget
   c.log_every_steps = max(cfg.quality_steps // 4, 1)
   c.checkpoint_every_steps = 10**9  # the final step is saved anyway
   c.eval.num_visualizations = 0
