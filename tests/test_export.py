@@ -219,6 +219,7 @@ def plain_jax_outputs(run, tmp_path_factory):
 
 
 @pytest.mark.parametrize("image_set", ["demo", "piped"])
+@pytest.mark.numerics
 def test_stablehlo_in_plain_jax_equals_predict(run, plain_jax_outputs, image_set, tmp_path):
   if image_set not in run["sets"]:
     pytest.skip("real PIPED data absent")
@@ -231,6 +232,7 @@ def test_stablehlo_in_plain_jax_equals_predict(run, plain_jax_outputs, image_set
 
 
 @pytest.mark.parametrize("image_set", ["demo", "piped"])
+@pytest.mark.numerics
 def test_onnx_in_onnxruntime_equals_jax(run, image_set, tmp_path):
   _require_onnx(run)
   if image_set not in run["sets"]:
@@ -271,6 +273,7 @@ def test_sidecars_and_load(run):
         deployed(x.astype(np.float32))
 
 
+@pytest.mark.numerics
 def test_resize_matches_image_io():
   rng = np.random.default_rng(1)
   cases = [((128, 128), (32, 32)), ((37, 53), (32, 32)), ((20, 24), (64, 32)), ((300, 199), (64, 64))]
