@@ -164,7 +164,8 @@ def conv3x3(x: jax.Array, kernel: jax.Array, *, weight_grad: str = "auto") -> ja
   method = weight_grad
   if method == "auto":
     method = "native"
-    if jax.default_backend() == "cpu":
+    # Symbolic shapes (jax.export with a dynamic batch) have no row count to look up: native then.
+    if jax.default_backend() == "cpu" and all(isinstance(d, int) for d in x.shape):
       method = cpu_weight_grad_method(int(np.prod(x.shape[:3])), x.shape[3], kernel.shape[3])
   elif method not in WEIGHT_GRAD_METHODS:
     raise ValueError(f"conv3x3: weight_grad must be 'auto' or one of {WEIGHT_GRAD_METHODS}, got "

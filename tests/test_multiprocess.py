@@ -30,7 +30,7 @@ def _run(nproc: int, per_process: int) -> dict:
   outs = []
   try:
     for p in procs:
-      outs.append(p.communicate(timeout=240))
+      outs.append(p.communicate(timeout=480))  # three processes compile at once on 2 cores
   finally:
     for p in procs:
       if p.poll() is None:

@@ -158,7 +158,7 @@ def test_train_evaluate_predict_cli(tmp_path, demo_root):
   # Bad input: an unreadable image is named in one clear line, not a traceback.
   bad = inputs / "broken.png"
   bad.write_bytes(b"not a png")
-  r = _cli("draem_jax.predict", f"--workdir={workdir}", f"--input={bad}", f"--output={out}")
+  r = _cli("draem_jax.predict", f"--workdir={workdir}", f"--input={bad}", f"--output={tmp_path / 'out2'}")
   assert r.returncode != 0
   assert "broken.png" in r.stderr and "Traceback" not in r.stderr
 
