@@ -296,7 +296,7 @@ def write_report(workdir, results: dict[str, Any], test, maps, scores, history, 
   rundir.write_json(eval_dir / "metrics.json", results)
   (eval_dir / "metrics.md").write_text(markdown_table(results))
   th = results.get("normal_thresholds")
-  min_area = int((config.get("predict") or {}).get("min_region_area", 1))
+  min_area = int(config.predict.min_region_area)
   plots: dict[str, str] = {}
   gallery, per_type = [], results.get("per_defect_type", [])
   if test is not None:

@@ -380,9 +380,9 @@ def _versions() -> dict[str, str]:
 
 
 def _config_summary(config) -> dict[str, Any]:
-  return {"category": config.get("category"), "image_size": int(config.image_size),
-          "channel_order": config.get("channel_order", "rgb"), "dataset": config.get("dataset"),
-          "model": {k: config.model.get(k) for k in ("recon_width", "disc_width", "dtype")},
+  return {"category": config.category, "image_size": int(config.image_size),
+          "channel_order": config.channel_order, "dataset": config.dataset,
+          "model": {k: config.model[k] for k in ("recon_width", "disc_width", "dtype")},
           "score_filter_size": int(config.eval.score_filter_size)}
 
 
@@ -448,7 +448,7 @@ def export_run(workdir, output: str, formats: Sequence[str] | str, *, input_size
     logging.warning("no thresholds stored for checkpoint step %d of %s: the export has anomaly_map and "
                     "score only (give --image_threshold and --pixel_threshold for decisions).", step, workdir)
   spec = DeploySpec(model_size=int(config.image_size), input_size=size,
-                    channel_order=config.get("channel_order", "rgb"),
+                    channel_order=config.channel_order,
                     filter_size=int(config.eval.score_filter_size),
                     image_threshold=None if th is None else float32_threshold(th["image"]),
                     pixel_threshold=None if th is None else float32_threshold(th["pixel"]))

@@ -78,7 +78,7 @@ class Inferencer:
     devices = parallel.num_devices(self._data)
     b = max(1, int(batch_size or config.eval.batch_size))
     self.batch_size = -(-b // devices) * devices
-    self._infer = _jitted_infer(model, self.filter_size, config.get("channel_order", "rgb") == "bgr", mesh)
+    self._infer = _jitted_infer(model, self.filter_size, config.channel_order == "bgr", mesh)
     self.variables = jax.device_put(variables, self._repl)
 
   def model_size(self, images: np.ndarray, variables=None) -> tuple[np.ndarray, np.ndarray]:

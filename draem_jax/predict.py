@@ -210,13 +210,13 @@ def load_image(path: str) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------
 
 def _settings(config, tile, tile_scale, tile_overlap, min_region_area) -> dict[str, Any]:
-  p = config.get("predict") or {}
-  pick = lambda v, k, d: v if v is not None else p.get(k, d)  # noqa: E731
-  crop = bool(config.get("train_crop", False))
-  out = {"tile": bool(pick(tile, "tile", False)) or (crop and tile is None),
-         "tile_scale": float(pick(tile_scale, "tile_scale", 1.0)),
-         "tile_overlap": float(pick(tile_overlap, "tile_overlap", 0.25)),
-         "min_region_area": int(pick(min_region_area, "min_region_area", 16)),
+  p = config.predict
+  pick = lambda flag, recorded: recorded if flag is None else flag  # noqa: E731
+  crop = bool(config.train_crop)
+  out = {"tile": bool(pick(tile, p.tile)) or (crop and tile is None),
+         "tile_scale": float(pick(tile_scale, p.tile_scale)),
+         "tile_overlap": float(pick(tile_overlap, p.tile_overlap)),
+         "min_region_area": int(pick(min_region_area, p.min_region_area)),
          # A train_crop run saw its images at load_size: tiles of the image resized to that, as in
          # validation, unless a scale is given.
          "tile_resize": [int(config.load_size)] * 2 if crop and tile_scale is None else None}

@@ -14,6 +14,7 @@ knobs and the learning-rate decay points are spelled out, so a run says what it 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 
@@ -156,6 +157,35 @@ def tiny() -> ml_collections.ConfigDict:
   return c
 
 
+def complete(values: dict, overrides: dict | None = None) -> tuple[dict, list[str]]:
+  """``values`` (a config as nested dicts) with every field of the recipe (``mvtec()``) it lacks added.
+
+  A field is added with its value in ``overrides`` (dotted name -> value), else the recipe's default;
+  fields the recipe does not know are kept. Raises ValueError naming a field that should be a block.
+
+  Returns:
+    ``(completed copy, ["field=value", ...] for each field added)``.
+  """
+  overrides = overrides or {}
+  added: list[str] = []
+
+  def fill(rec: dict, defaults: dict, prefix: str) -> dict:
+    out = dict(rec)
+    for key, default in defaults.items():
+      name = prefix + key
+      if isinstance(default, dict):
+        if key in rec and not isinstance(rec[key], dict):
+          raise ValueError(f"config.{name}={rec[key]!r} must be a block of fields "
+                           f"({', '.join(sorted(default))})")
+        out[key] = fill(rec.get(key, {}), default, name + ".")
+      elif key not in rec:
+        out[key] = overrides.get(name, default)
+        added.append(f"{name}={out[key]!r}")
+    return out
+
+  return fill(values, json.loads(mvtec().to_json()), ""), added
+
+
 def from_argument(arg: str | None, default_category: str = "bottle") -> ml_collections.ConfigDict:
   """``configs/mvtec.py:ARG``: ``CATEGORY[,VARIANT...]``."""
   parts = [p for p in (arg or default_category).split(",") if p]
@@ -175,6 +205,13 @@ def _positive_int(config, name: str, value, allow_zero: bool = False) -> None:
 
 def validate(config) -> None:
   """Raises ValueError naming the first bad field of a training config."""
+  try:
+    _, missing = complete(config.to_dict())
+  except ValueError as e:
+    raise ValueError(f"{e}.") from None
+  if missing:
+    raise ValueError(f"config.{missing[0].split('=')[0]} is missing: build the config on draem_jax.recipes "
+                     "(mvtec(), demo() or tiny()), which define every field.")
   for name in ("num_epochs", "batch_size", "log_every_steps", "checkpoint_every_steps",
                "model.recon_width", "model.disc_width", "eval.batch_size", "eval.score_filter_size"):
     value = config
@@ -226,38 +263,34 @@ def _fraction(name: str, value, low_open: bool = False) -> None:
 
 
 def _validate_validation(config) -> None:
-  """The validation, threshold, predict and crop fields (absent blocks: older recorded configs)."""
-  v = config.get("validation")
-  if v is not None:
-    _fraction("validation.fraction", v.fraction)
-    _positive_int(config, "validation.num_synthetic", v.num_synthetic, allow_zero=True)
-    _positive_int(config, "validation.every_steps", v.every_steps)
-    if v.select not in ("last", "best"):
-      raise ValueError(f"config.validation.select={v.select!r}: use 'last' or 'best'.")
-    if v.select == "best" and not v.fraction:
-      raise ValueError("config.validation.select='best' needs held-out images: set "
-                       "config.validation.fraction > 0.")
-  t = config.get("threshold")
-  if t is not None:
-    _fraction("threshold.image_fpr", t.image_fpr)
-    _fraction("threshold.pixel_fpr", t.pixel_fpr)
-  p = config.get("predict")
-  if p is not None:
-    if not isinstance(p.tile, bool):
-      raise ValueError(f"config.predict.tile={p.tile!r} must be True or False.")
-    scale = p.tile_scale
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) \
-        or scale <= 0:
-      raise ValueError(f"config.predict.tile_scale={scale!r} must be a finite number > 0.")
-    _fraction("predict.tile_overlap", p.tile_overlap)
-    _positive_int(config, "predict.min_region_area", p.min_region_area)
-  if config.get("train_crop") is not None:
-    if not isinstance(config.train_crop, bool):
-      raise ValueError(f"config.train_crop={config.train_crop!r} must be True or False.")
-    _positive_int(config, "load_size", config.load_size, allow_zero=True)
-    if config.train_crop and config.load_size < config.image_size:
-      raise ValueError(f"config.train_crop=True needs config.load_size >= config.image_size "
-                       f"({config.image_size}); got load_size={config.load_size}.")
-    if not config.train_crop and config.load_size:
-      raise ValueError(f"config.load_size={config.load_size} is used only with config.train_crop=True; "
-                       "set it to 0 or turn train_crop on.")
+  """The validation, threshold, predict and crop fields."""
+  v = config.validation
+  _fraction("validation.fraction", v.fraction)
+  _positive_int(config, "validation.num_synthetic", v.num_synthetic, allow_zero=True)
+  _positive_int(config, "validation.every_steps", v.every_steps)
+  if v.select not in ("last", "best"):
+    raise ValueError(f"config.validation.select={v.select!r}: use 'last' or 'best'.")
+  if v.select == "best" and not v.fraction:
+    raise ValueError("config.validation.select='best' needs held-out images: set "
+                     "config.validation.fraction > 0.")
+  t = config.threshold
+  _fraction("threshold.image_fpr", t.image_fpr)
+  _fraction("threshold.pixel_fpr", t.pixel_fpr)
+  p = config.predict
+  if not isinstance(p.tile, bool):
+    raise ValueError(f"config.predict.tile={p.tile!r} must be True or False.")
+  scale = p.tile_scale
+  if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) \
+      or scale <= 0:
+    raise ValueError(f"config.predict.tile_scale={scale!r} must be a finite number > 0.")
+  _fraction("predict.tile_overlap", p.tile_overlap)
+  _positive_int(config, "predict.min_region_area", p.min_region_area)
+  if not isinstance(config.train_crop, bool):
+    raise ValueError(f"config.train_crop={config.train_crop!r} must be True or False.")
+  _positive_int(config, "load_size", config.load_size, allow_zero=True)
+  if config.train_crop and config.load_size < config.image_size:
+    raise ValueError(f"config.train_crop=True needs config.load_size >= config.image_size "
+                     f"({config.image_size}); got load_size={config.load_size}.")
+  if not config.train_crop and config.load_size:
+    raise ValueError(f"config.load_size={config.load_size} is used only with config.train_crop=True; "
+                     "set it to 0 or turn train_crop on.")

@@ -80,15 +80,37 @@ def write_config(workdir, config: ml_collections.ConfigDict) -> None:
     write_json(path(workdir) / CONFIG_FILE, json.loads(config.to_json()))
 
 
+# What a run recorded before a field existed did, where that differs from the field's default: before
+# the hold-out split existed every train/good image was trained on.
+_BEFORE_FIELD_EXISTED = {"validation.fraction": 0.0}
+
+
 def load_config(workdir) -> ml_collections.ConfigDict:
-  """The config a run was trained (or converted) with, from ``WORKDIR/config.json``."""
+  """The config a run was trained (or converted) with, from ``WORKDIR/config.json``.
+
+  A record from an older version (or an older converter) lacks the fields added since; the run behaved
+  as their recipe defaults describe (``_BEFORE_FIELD_EXISTED`` lists the exceptions), so they are
+  completed from the recipe (``recipes.complete``, logged) and code reads every field directly. The
+  resume check compares the record as written (deny by default).
+  """
   file = path(workdir) / CONFIG_FILE
   if not file.exists():
     raise RunError(
         f"{file} not found: {workdir} is not a draem_jax run. Train one with "
         "`python -m draem_jax.train --config=... --workdir=...` or convert released weights with "
         "`python -m draem_jax.convert`.")
-  return ml_collections.ConfigDict(read_json(file))
+  recorded = read_json(file)
+  if not isinstance(recorded, dict):
+    raise RunError(f"{file} holds {type(recorded).__name__}, not a config object; restore it from a copy "
+                   "or set the run aside.")
+  try:
+    config, filled = recipes.complete(recorded, _BEFORE_FIELD_EXISTED)
+  except ValueError as e:
+    raise RunError(f"{file}: {e}; restore it from a copy or set the run aside.") from None
+  if filled:
+    logging.warning("%s lacks %d field(s) added since it was recorded; using the recipe's values: %s",
+                    file, len(filled), ", ".join(filled))
+  return ml_collections.ConfigDict(config)
 
 
 def existing_run_entries(workdir) -> list[str]:

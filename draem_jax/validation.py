@@ -71,8 +71,7 @@ class ValidationSet:
 
 def enabled(config) -> bool:
   """Whether ``config`` holds out validation images (``config.validation.fraction > 0``)."""
-  v = config.get("validation")
-  return v is not None and float(v.get("fraction", 0.0)) > 0
+  return float(config.validation.fraction) > 0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -223,7 +222,7 @@ def make_predict(inferencer, config, variables=None) -> PredictFn:
   model was trained at. ``variables``: other than the inferencer's (e.g. the training state).
   """
   size = inferencer.size
-  overlap = float((config.get("predict") or {}).get("tile_overlap", 0.25))
+  overlap = float(config.predict.tile_overlap)
 
   def predict(images):
     images = np.asarray(images)
@@ -268,9 +267,8 @@ def score(predict: PredictFn, vset: ValidationSet) -> tuple[dict[str, float], np
 
 def calibrate(config, clean_maps, clean_scores, source: str) -> dict[str, Any]:
   """Normal-only thresholds at ``config.threshold``'s targets from the clean held-out maps."""
-  t = config.get("threshold") or {}
-  return thresholds_lib.calibrate(clean_maps, clean_scores, float(t.get("image_fpr", 0.05)),
-                                  float(t.get("pixel_fpr", 0.005)), source)
+  return thresholds_lib.calibrate(clean_maps, clean_scores, float(config.threshold.image_fpr),
+                                  float(config.threshold.pixel_fpr), source)
 
 
 def run(predict: PredictFn, vset: ValidationSet, config, workdir=None, step: int | None = None):
@@ -333,7 +331,7 @@ def restore_selected(workdir, config, step: int | None = None, sharding=None):
   if step is not None:
     model, variables, step = rundir.restore_model(workdir, config, step=step, sharding=sharding)
     return model, variables, step, "step"
-  select = (config.get("validation") or {}).get("select", "last")
+  select = config.validation.select
   record = read_record(workdir) or {}
   if select == "best" and record.get("best"):
     from draem_jax import steps  # pylint: disable=g-import-not-at-top

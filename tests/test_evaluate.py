@@ -143,3 +143,57 @@ def test_no_test_split_writes_the_validation_report_only(data_root, tmp_path):
   assert "val_pixel_ap" in results and results["normal_thresholds"]["step"] == STEP
   page = (tmp_path / "eval" / "report.html").read_text()
   assert "Synthetic validation" in page and "Gallery" not in page
+
+
+# Fields recipes.mvtec() gained after the first recorded configs (validation/threshold/predict/crop).
+_NEWER_FIELDS = ("validation", "threshold", "predict", "train_crop", "load_size", "channel_order")
+
+
+def test_an_older_config_record_is_completed_and_evaluate_and_predict_work(data_root, tmp_path, caplog):
+  c = recipes.tiny()
+  c.dataset, c.data_dir, c.category = "folder", str(data_root), "mini"
+  c.eval.batch_size = 8
+  c.eval.num_visualizations = 2
+  old = json.loads(c.to_json())
+  for name in _NEWER_FIELDS:
+    del old[name]
+  rundir.write_json(tmp_path / rundir.CONFIG_FILE, old)
+  model = steps.build_model(c)
+  variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)), train=False))(jax.random.key(1))
+  with checkpointing.manager(tmp_path, keep=None, async_save=False) as mngr:
+    checkpointing.save(mngr, STEP, dict(variables))
+
+  with caplog.at_level("WARNING"):
+    loaded = rundir.load_config(tmp_path)
+  assert "field(s) added since it was recorded" in caplog.text
+  assert "predict.min_region_area=16" in caplog.text and "validation.fraction=0.0" in caplog.text
+  recipe = recipes.mvtec()
+  assert loaded.validation.fraction == 0.0  # nothing was held out before the hold-out split existed
+  assert loaded.validation.select == recipe.validation.select == "last"
+  assert loaded.threshold.to_dict() == recipe.threshold.to_dict()
+  assert loaded.predict.to_dict() == recipe.predict.to_dict()
+  assert (loaded.train_crop, loaded.load_size, loaded.channel_order) == (False, 0, "rgb")
+  assert {k: v for k, v in json.loads(loaded.to_json()).items() if k not in _NEWER_FIELDS} == old
+  assert json.loads((tmp_path / rundir.CONFIG_FILE).read_text()) == old  # the record stays as written
+
+  results = evaluate.evaluate_workdir(tmp_path, echo=lambda s: None)
+  assert "normal_thresholds" not in results and "no held-out good images" in results["normal_thresholds_note"]
+  assert results["num_test_images"] == 14 and 0 <= results["image_auroc"] <= 1
+  assert (tmp_path / "eval" / "report.html").exists()
+
+  from draem_jax import predict  # pylint: disable=g-import-not-at-top
+  files = sorted(str(p) for p in (data_root / "mini" / "test").rglob("*.png"))[:3]
+  out = predict.predict_files(tmp_path, files, str(tmp_path / "pred"), image_threshold=0.5,
+                              pixel_threshold=0.5)
+  assert out["num_images"] == 3 and out["num_errors"] == 0
+  settings = json.loads((tmp_path / "pred" / predict.SETTINGS_FILE).read_text())
+  assert settings["min_region_area"] == 16 and settings["tile"] is False and settings["tile_overlap"] == 0.25
+
+
+def test_a_config_record_with_a_name_for_a_block_is_refused_naming_the_field(tmp_path):
+  record = json.loads(recipes.tiny().to_json())
+  record["synthesis"] = "paper"
+  rundir.write_json(tmp_path / rundir.CONFIG_FILE, record)
+  with pytest.raises(rundir.RunError, match=r"config\.json: config\.synthesis='paper' must be a block") as e:
+    rundir.load_config(tmp_path)
+  assert "\n" not in str(e.value)

@@ -191,6 +191,15 @@ def test_bad_config_values_name_the_field(field, value, message, tmp_path):
   assert not (tmp_path / "w").exists()  # nothing written
 
 
+def test_a_config_lacking_a_recipe_field_is_refused_naming_it(tmp_path):
+  config = tiny()
+  del config.predict
+  with pytest.raises(ValueError, match=r"config\.predict\.tile is missing: build the config on") as e:
+    train.train_and_evaluate(config, str(tmp_path / "w"))
+  assert "\n" not in str(e.value)
+  assert not (tmp_path / "w").exists()
+
+
 def test_missing_test_good_is_found_before_training(tmp_path):
   root = tmp_path / "data" / "part"
   (root / "train" / "good").mkdir(parents=True)
