@@ -22,8 +22,9 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   c.warmup = 2                  # untimed calls per side after compiling
   c.threads = 0                 # cores for both sides (0 = all this process may use)
   # draem_jax's CPU layout: host devices over which a train/infer batch is split, each running its share
-  # single-threaded (0 = one per thread; 1 = one device using every thread). Accelerators ignore it.
-  c.cpu_devices = 0
+  # single-threaded (0 = one per thread; 1 = one device using every thread, as draem_jax.train runs).
+  # Accelerators ignore it.
+  c.cpu_devices = 1
   c.anomalib = True             # compare with anomalib where importable
   c.texture_dir = ""            # DTD-layout folder; "" = ../shared/data/dtd_subset/images beside the repo
   c.max_textures = 64

@@ -46,11 +46,11 @@ def measure(size: int, recon_width: int, disc_width: int, batch: int, repeats: i
     dy = jax.random.normal(key_dy, (*shape[:3], cout), jnp.float32)
     fns = {}
     for method in conv.WEIGHT_GRAD_METHODS:
-      def loss(x, kernel, method=method):
+      def loss(x, kernel, dy, method=method):
         return jnp.vdot(conv.conv3x3(x, kernel, weight_grad=method), dy)
       grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
-      jax.block_until_ready(grad(x, kernel))
-      fns[method] = lambda grad=grad: jax.block_until_ready(grad(x, kernel))
+      jax.block_until_ready(grad(x, kernel, dy))
+      fns[method] = lambda grad=grad, args=(x, kernel, dy): jax.block_until_ready(grad(*args))
     t = harness.interleaved(fns, repeats, 1)
     medians = {m: t[m]["median_s"] for m in fns}
     rows.append({"rows": int(shape[0] * shape[1] * shape[2]), "cin": int(shape[3]), "cout": int(cout),

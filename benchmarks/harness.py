@@ -31,8 +31,8 @@ def configure_process(threads: int, cpu_devices: int, min_devices: int = 1,
 
   ``threads`` cores (0 = all usable) bound both XLA's and PyTorch's pools (affinity). ``cpu_devices``
   host devices (0 = one per core): with more than one, each runs its share of a batch single-threaded
-  (``--xla_cpu_multi_thread_eigen=false``), which on 2 cores beat one device with two threads by 20-25 %
-  (docs/performance.md). Where the backend is already up (under pytest) nothing but the cache changes.
+  (``--xla_cpu_multi_thread_eigen=false``); faster than one device on an idle machine, much slower on a
+  loaded one (BENCHMARKS.md). Where the backend is already up (under pytest) only the cache changes.
   """
   available = sorted(os.sched_getaffinity(0))
   if threads < 0 or cpu_devices < 0:
