@@ -4,7 +4,9 @@ A checkpoint holds two items so that evaluation and conversion need only the mod
 
 * ``model``: ``{"params": ..., "batch_stats": ...}`` of the ``DRAEM`` module;
 * ``train``: ``{"step", "opt_state", "key"}``: what training needs to resume exactly (the data
-  position is a pure function of the step, so no iterator state is stored).
+  position is a pure function of the step, so no iterator state is stored);
+* ``ema`` (only with ``config.ema_decay`` > 0): ``{"params": EMA params, "batch_stats": ...}``, shaped
+  like ``model``, so evaluation restores it with the model's abstract tree and resuming restores it too.
 
 Orbax writes each step into a temporary folder and renames it when complete, so an interrupted save
 never damages the previous checkpoint. A checkpoint can still be damaged afterwards (a truncated copy of
@@ -24,6 +26,7 @@ import jax
 import orbax.checkpoint as ocp
 
 CHECKPOINT_DIR = "checkpoints"
+EMA_ITEM = "ema"
 DAMAGED_DIR = "damaged_checkpoints"
 
 
@@ -55,7 +58,8 @@ def manager(workdir, *, keep: int | None = 3, async_save: bool = True,
       read_only=read_only,
       create=not read_only,
   )
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=("model", "train"))
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                               item_names=("model", "train", EMA_ITEM))
 
 
 def all_steps(workdir) -> list[int]:
@@ -72,11 +76,14 @@ def latest_step(workdir) -> int | None:
   return steps[-1] if steps else None
 
 
-def save(mngr: ocp.CheckpointManager, step: int, model: Any, train: Any | None = None) -> bool:
-  """Saves ``model`` (and ``train`` when given) at ``step``; returns whether a save was started."""
+def save(mngr: ocp.CheckpointManager, step: int, model: Any, train: Any | None = None,
+         ema: Any | None = None) -> bool:
+  """Saves ``model`` (and ``train``, ``ema`` when given) at ``step``; returns whether a save was started."""
   items = {"model": ocp.args.StandardSave(model)}
   if train is not None:
     items["train"] = ocp.args.StandardSave(train)
+  if ema is not None:
+    items[EMA_ITEM] = ocp.args.StandardSave(ema)
   return mngr.save(step, args=ocp.args.Composite(**items), force=True)
 
 
@@ -103,6 +110,30 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_model: Any,
 def has_train_state(workdir, step: int) -> bool:
   """Whether checkpoint ``step`` holds the resumable train item (converted weights hold only a model)."""
   return (checkpoint_dir(workdir) / str(step) / "train").is_dir()
+
+
+def has_ema(workdir, step: int) -> bool:
+  """Whether checkpoint ``step`` holds EMA weights (runs with ``config.ema_decay`` > 0)."""
+  return (checkpoint_dir(workdir) / str(step) / EMA_ITEM).is_dir()
+
+
+def restore_ema(workdir, step: int, abstract_model: Any) -> Any:
+  """The EMA variables ``{"params", "batch_stats"}`` of checkpoint ``step`` (model-shaped).
+
+  Raises:
+    NoCheckpointError: the checkpoint has no EMA item or it cannot be read (one line).
+  """
+  folder = checkpoint_dir(workdir) / str(step)
+  if not has_ema(workdir, step):
+    raise NoCheckpointError(f"checkpoint {folder} holds no EMA weights ({EMA_ITEM}/): trained with "
+                            "config.ema_decay=0, or by an older version.")
+  try:
+    with manager(workdir, read_only=True) as mngr:
+      restored = mngr.restore(step, args=ocp.args.Composite(
+          **{EMA_ITEM: ocp.args.StandardRestore(abstract_model)}))
+  except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many kinds)
+    raise NoCheckpointError(f"EMA weights of {folder} cannot be restored ({_one_line(e)}).") from None
+  return restored[EMA_ITEM]
 
 
 def set_aside_damaged(workdir, step: int, reason: str) -> epath.Path:

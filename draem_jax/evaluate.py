@@ -37,6 +37,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from draem_jax import checkpointing
 from draem_jax import inference
 from draem_jax import metrics as metrics_lib
 from draem_jax import published
@@ -193,6 +194,7 @@ def evaluate_workdir(workdir, config: ml_collections.ConfigDict | None = None, s
                                  anomaly_maps=maps, fpr_limit=config.eval.aupro_fpr_limit)
   results.update({k: float(v) for k, v in free.items() if not k.endswith("_threshold")})
   results["num_test_images"] = int(len(scores))
+  results.update(_ema_metrics(workdir, config, model, step, test))
   image_thresholds = {"oracle": free["image_threshold"]}
   results.update(decision_metrics("oracle", test.labels, scores, test.masks, maps, free["image_threshold"],
                                   free["pixel_threshold"]))
@@ -208,6 +210,23 @@ def evaluate_workdir(workdir, config: ml_collections.ConfigDict | None = None, s
   if jax.process_index() == 0:
     write_report(workdir, results, test, maps, scores, history, num_vis, config)
   return results
+
+
+def _ema_metrics(workdir, config, model, step: int, test) -> dict[str, float]:
+  """Threshold-free metrics of the EMA weights of ``step`` as ``ema_<metric>`` (``config.ema_decay`` > 0).
+
+  Reported beside the raw weights' metrics; thresholds, the report's maps and model selection stay the
+  raw weights'. Empty when the run has no EMA (or the checkpoint lacks it, e.g. a "best" copy).
+  """
+  decay = float(config.ema_decay)
+  if decay <= 0 or not checkpointing.has_ema(workdir, step):
+    return {}
+  ema_vars = checkpointing.restore_ema(workdir, step, rundir.abstract_variables(model, config.image_size))
+  maps, scores = validation.make_predict(inference.Inferencer(model, ema_vars, config), config)(test.images)
+  free = metrics_lib.compute_all(image_labels=test.labels, image_scores=scores, masks=test.masks,
+                                 anomaly_maps=maps, fpr_limit=config.eval.aupro_fpr_limit)
+  ema = {f"ema_{k}": float(v) for k, v in free.items() if not k.endswith("_threshold")}
+  return {"ema_decay": decay, **ema}
 
 
 def _finite_or_none(tree):
@@ -268,6 +287,11 @@ def markdown_table(results: dict[str, Any]) -> str:
               f"held-out good images), pixel {th['pixel']:.6g} (target pixel FPR {th['pixel_fpr']:g})."]
   elif results.get("normal_thresholds_note"):
     lines += ["", results["normal_thresholds_note"]]
+  if "ema_image_auroc" in results:
+    lines += ["", f"EMA weights (decay {results['ema_decay']:g}): image AUROC "
+              f"{_pct(results['ema_image_auroc'])}, pixel AP {_pct(results.get('ema_pixel_ap'))}, AUPRO "
+              f"{_pct(results.get('ema_aupro'))} "
+              "(thresholds and maps above: the raw weights)."]
   if "val_pixel_ap" in results:
     lines += ["", f"Synthetic validation at this step: pixel AP {_pct(results['val_pixel_ap'])}, pixel AUROC "
               f"{_pct(results.get('val_pixel_auroc'))}, image AUROC {_pct(results.get('val_image_auroc'))}."]

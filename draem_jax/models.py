@@ -142,6 +142,45 @@ BatchNorm: ModuleDef = functools.partial(nn.BatchNorm, momentum=BN_MOMENTUM, eps
                                          use_fast_variance=False)
 
 
+# Initialisation schemes of the conv kernels (and BN scales), ``DRAEM.init_scheme`` (docs/recipe.md):
+# * "normal_0.02": the original's weights_init (train_DRAEM.py L14-20): conv kernels N(0, 0.02), BN gamma
+#   N(1, 0.02); conv biases keep PyTorch's default U(+-1/sqrt(fan_in)).
+# * "pytorch_default": no weights_init, as anomalib: PyTorch's Conv2d default kaiming_uniform(a=sqrt(5)),
+#   i.e. U(+-1/sqrt(fan_in)) with fan_in = 9 Cin, the same for biases, and BN gamma = 1.
+# * "width_scaled": N(0, 0.02 sqrt(W0 / W)) for every conv of a network of base width W whose original
+#   width is W0 (128 reconstructive, 64 discriminative): each layer's fan-in shrinks by W / W0 at a
+#   reduced width, and this keeps sqrt(fan_in) * std, the kernel norm per output channel that Adam's
+#   fixed-size steps are measured against, at its full-width value. Identical to "normal_0.02" at the
+#   original widths. The input conv, whose fan-in does not depend on W, is scaled too (BN follows it).
+INITS = ("normal_0.02", "pytorch_default", "width_scaled")
+ORIGINAL_WIDTHS = {"reconstructive": 128, "discriminative": 64}
+
+
+def _ones(key, shape, dtype=jnp.float32):
+  del key
+  return jnp.ones(shape, dtype)
+
+
+def init_factories(init: str, conv: ModuleDef, width: int, original_width: int,
+                   norm: ModuleDef = BatchNorm) -> tuple[ModuleDef, ModuleDef]:
+  """The (conv, norm) factories of one network with its kernel / BN-scale initialisers for ``init``.
+
+  "normal_0.02" returns ``conv`` and ``norm`` untouched (their defaults are the original's); the others
+  bind ``kernel_init`` (and ``scale_init``), so ``conv`` must accept it (``conv.Conv3x3`` does).
+  """
+  if init == "normal_0.02":
+    return conv, norm
+  if init == "pytorch_default":
+    # variance 1 / (3 fan_in) uniform = U(+-1/sqrt(fan_in)) = kaiming_uniform(a=sqrt(5)); fan_in from
+    # HWIO is 3 * 3 * Cin, as torch's.
+    kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+    return functools.partial(conv, kernel_init=kernel_init), functools.partial(norm, scale_init=_ones)
+  if init == "width_scaled":
+    kernel_init = nn.initializers.normal(stddev=0.02 * float(np.sqrt(original_width / width)))
+    return functools.partial(conv, kernel_init=kernel_init), norm
+  raise ValueError(f"init must be one of {INITS}, got {init!r}")
+
+
 def layers(dtype: Any = jnp.float32, conv: ModuleDef = conv_lib.Conv3x3,
            norm: ModuleDef = BatchNorm) -> tuple[ModuleDef, ModuleDef]:
   """The (conv, norm) factories of the blocks, computing in ``dtype`` (parameters stay float32)."""
@@ -272,11 +311,14 @@ class ReconstructiveSubNetwork(nn.Module):
     out_channels: output channels (3).
     dtype: compute dtype; parameters and BN statistics stay float32 and the output is float32.
     conv: conv module class, called as ``conv(features, dtype=, name=)`` (default ``conv.Conv3x3``).
+    init_scheme: initialisation scheme, one of ``INITS`` (default the original's; not ``init``, which
+      is flax's ``Module.init``).
   """
   base_width: int = 128
   out_channels: int = 3
   dtype: Any = jnp.float32
   conv: ModuleDef = conv_lib.Conv3x3
+  init_scheme: str = "normal_0.02"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -291,7 +333,8 @@ class ReconstructiveSubNetwork(nn.Module):
       (N, H, W, out_channels) float32 reconstruction (unbounded, no output activation).
     """
     _check_input(x, 16, "ReconstructiveSubNetwork")
-    conv, norm = layers(self.dtype, self.conv)
+    conv, norm = layers(self.dtype, *init_factories(self.init_scheme, self.conv, self.base_width,
+                                                    ORIGINAL_WIDTHS["reconstructive"]))
     kw = dict(width=self.base_width, conv=conv, norm=norm)
     z = ReconstructiveEncoder(name="encoder", **kw)(x, train)
     y = ReconstructiveDecoder(out_channels=self.out_channels, name="decoder", **kw)(z, train)
@@ -306,11 +349,13 @@ class DiscriminativeSubNetwork(nn.Module):
     out_channels: output channels (2 logits: normal, anomalous).
     dtype: compute dtype; parameters and BN statistics stay float32 and the output is float32.
     conv: conv module class, as in ``ReconstructiveSubNetwork``.
+    init_scheme: initialisation scheme, one of ``INITS``.
   """
   base_width: int = 64
   out_channels: int = 2
   dtype: Any = jnp.float32
   conv: ModuleDef = conv_lib.Conv3x3
+  init_scheme: str = "normal_0.02"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -324,7 +369,8 @@ class DiscriminativeSubNetwork(nn.Module):
       (N, H, W, out_channels) float32 logits; softmax over the last axis is applied by the caller.
     """
     _check_input(x, 32, "DiscriminativeSubNetwork")
-    conv, norm = layers(self.dtype, self.conv)
+    conv, norm = layers(self.dtype, *init_factories(self.init_scheme, self.conv, self.base_width,
+                                                    ORIGINAL_WIDTHS["discriminative"]))
     kw = dict(width=self.base_width, conv=conv, norm=norm)
     feats = DiscriminativeEncoder(name="encoder_segment", **kw)(x, train)
     y = DiscriminativeDecoder(out_channels=self.out_channels, name="decoder_segment", **kw)(feats, train)
@@ -350,18 +396,23 @@ class DRAEM(nn.Module):
       weights run with the default).
     conv: conv module class of both nets (default ``conv.Conv3x3``; its CPU backward is chosen per layer
       shape, see ``conv.py``).
+    init_scheme: initialisation scheme of both nets, one of ``INITS`` (default "normal_0.02", the
+      original's; ``config.model.init``).
   """
   recon_width: int = 128
   disc_width: int = 64
   dtype: Any = jnp.float32
   disc_input_order: str = "recon_image"
   conv: ModuleDef = conv_lib.Conv3x3
+  init_scheme: str = "normal_0.02"
 
   def setup(self):
     if self.disc_input_order not in DISC_INPUT_ORDERS:
       raise ValueError(f"DRAEM.disc_input_order must be one of {DISC_INPUT_ORDERS}, got "
                        f"{self.disc_input_order!r}.")
-    kw = dict(dtype=self.dtype, conv=self.conv)
+    if self.init_scheme not in INITS:
+      raise ValueError(f"DRAEM.init_scheme must be one of {INITS}, got {self.init_scheme!r}.")
+    kw = dict(dtype=self.dtype, conv=self.conv, init_scheme=self.init_scheme)
     self.reconstructive = ReconstructiveSubNetwork(base_width=self.recon_width, out_channels=3, **kw)
     self.discriminative = DiscriminativeSubNetwork(base_width=self.disc_width, out_channels=2, **kw)
 

@@ -136,23 +136,22 @@ def perlin(key: jax.Array, shape: Sequence[int], res: Sequence[int]) -> jax.Arra
   return perlin_from_angles(angles, shape)
 
 
-def perlin_mask(key: jax.Array, shape: Sequence[int], *, threshold: float | jax.Array = 0.5,
-                max_log2_res: int = 6, rotate_degrees: float = 90.0) -> jax.Array:
-  """DRAEM's binary anomaly mask for one example (data_loader.py L109-122).
+def perlin_mask_noise(key: jax.Array, shape: Sequence[int], *, max_log2_res: int = 6,
+                      rotate_degrees: float = 90.0) -> jax.Array:
+  """The rotated Perlin noise that ``perlin_mask`` thresholds (data_loader.py L115-119).
 
   Draws res = (2^a, 2^b) with a, b independent and uniform in {0, ..., max_log2_res - 1}, Perlin noise at
-  that resolution, rotates it by U(-rotate_degrees, rotate_degrees) (bilinear, zero fill, so rotated-in
-  corners are never anomalous) and thresholds it.
+  that resolution, and rotates it by U(-rotate_degrees, rotate_degrees) (bilinear, zero fill, so
+  rotated-in corners are never anomalous).
 
   Args:
     key: typed PRNG key of this example.
     shape: static output shape (H, W).
-    threshold: mask = noise > threshold (strict). May be traced.
     max_log2_res: static exclusive bound of the log2 resolution (6 -> res up to 32, the reference).
     rotate_degrees: static half-range of the noise rotation; 0 skips the rotation entirely.
 
   Returns:
-    (H, W) float32 mask with values in {0, 1}.
+    (H, W) float32 noise, roughly in [-1, 1].
   """
   shape = _check_shape(shape)
   if not isinstance(max_log2_res, int) or max_log2_res < 1:
@@ -167,6 +166,70 @@ def perlin_mask(key: jax.Array, shape: Sequence[int], *, threshold: float | jax.
   if rotate_degrees != 0:
     degrees = jax.random.uniform(k_rot, (), jnp.float32, -rotate_degrees, rotate_degrees)
     noise = geometry.rotate(noise, degrees)
+  return noise
+
+
+def perlin_mask(key: jax.Array, shape: Sequence[int], *, threshold: float | jax.Array = 0.5,
+                max_log2_res: int = 6, rotate_degrees: float = 90.0) -> jax.Array:
+  """DRAEM's binary anomaly mask for one example (data_loader.py L109-122).
+
+  ``perlin_mask_noise(key, ...) > threshold``. About 5 % of these masks are empty at the reference's
+  settings (docs/recipe.md); ``perlin_mask_nonempty`` redraws those.
+
+  Args:
+    key: typed PRNG key of this example.
+    shape: static output shape (H, W).
+    threshold: mask = noise > threshold (strict). May be traced.
+    max_log2_res: static exclusive bound of the log2 resolution (6 -> res up to 32, the reference).
+    rotate_degrees: static half-range of the noise rotation; 0 skips the rotation entirely.
+
+  Returns:
+    (H, W) float32 mask with values in {0, 1}.
+  """
+  noise = perlin_mask_noise(key, shape, max_log2_res=max_log2_res, rotate_degrees=rotate_degrees)
+  return (noise > threshold).astype(jnp.float32)
+
+
+# Candidates of perlin_mask_nonempty: at DRAEM's settings P(all empty) ~ 0.05^8, i.e. never.
+NONEMPTY_ATTEMPTS = 8
+
+
+def perlin_mask_nonempty(key: jax.Array, shape: Sequence[int], *, threshold: float | jax.Array = 0.5,
+                         max_log2_res: int = 6, rotate_degrees: float = 90.0,
+                         attempts: int = NONEMPTY_ATTEMPTS) -> jax.Array:
+  """``perlin_mask`` that is never empty: the first non-empty of up to ``attempts`` candidates.
+
+  Candidate 0 is ``perlin_mask(key, ...)`` itself, so a mask that was non-empty anyway is returned
+  unchanged; candidate k >= 1 draws fresh noise from ``fold_in(key, k)``. The candidates are drawn one at
+  a time in a ``lax.while_loop`` (shape-stable; under ``vmap`` the loop runs until every example is done
+  and keeps each example's own first hit, so the result does not depend on the batch or its sharding).
+  If all candidates are empty the last one's noise is rescaled to [-1, 1] (anomalib's remedy for noise
+  that stays below the threshold), whose maximum 1 exceeds any threshold < 1.
+
+  Args:
+    key, shape, threshold, max_log2_res, rotate_degrees: as in ``perlin_mask``.
+    attempts: static number of candidates (>= 1).
+
+  Returns:
+    (H, W) float32 mask with values in {0, 1}, non-empty for thresholds below 1.
+  """
+  if not isinstance(attempts, int) or attempts < 1:
+    raise ValueError(f"attempts must be a Python int >= 1, got {attempts!r}")
+
+  def draw(k):
+    return perlin_mask_noise(k, shape, max_log2_res=max_log2_res, rotate_degrees=rotate_degrees)
+
+  def empty(noise):
+    return jnp.logical_not(jnp.any(noise > threshold))
+
+  def body(carry):
+    i, _ = carry
+    return i + 1, draw(jax.random.fold_in(key, i))
+
+  _, noise = jax.lax.while_loop(lambda c: (c[0] < attempts) & empty(c[1]), body, (jnp.int32(1), draw(key)))
+  lo, hi = jnp.min(noise), jnp.max(noise)
+  rescaled = 2.0 * (noise - lo) / jnp.maximum(hi - lo, 1e-12) - 1.0
+  noise = jnp.where(empty(noise), rescaled, noise)
   return (noise > threshold).astype(jnp.float32)
 
 

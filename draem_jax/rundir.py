@@ -164,7 +164,8 @@ def config_changes(saved, config) -> list[str]:
   for field in sorted(set(a) | set(b)):
     if _is_bookkeeping(field):
       continue
-    old, new = a.get(field, missing), b.get(field, missing)
+    # A recipe switch absent from the record: the run trained with the switch's original default.
+    old, new = a.get(field, recipes.SWITCH_DEFAULTS.get(field, missing)), b.get(field, missing)
     if old != new:
       show = lambda v: "(absent)" if v is missing else repr(v)  # noqa: E731
       changes.append(f"{field}: {show(old)} -> {show(new)}")

@@ -43,15 +43,24 @@ class TrainState:
     batch_stats: BatchNorm running statistics, same structure.
     opt_state: optax state.
     key: typed PRNG key; the key of step s is ``fold_in(key, s)``.
+    ema_params: exponential moving average of ``params`` (``config.ema_decay`` > 0), else None: a
+      None leaves the state's arrays and its checkpoint items exactly as without EMA.
   """
   step: jax.Array
   params: Any
   batch_stats: Any
   opt_state: Any
   key: jax.Array
+  ema_params: Any = None
 
   def model_variables(self) -> dict[str, Any]:
     return {"params": self.params, "batch_stats": self.batch_stats}
+
+  def ema_variables(self) -> dict[str, Any] | None:
+    """The EMA weights with the running BN statistics (those of the raw weights), or None."""
+    if self.ema_params is None:
+      return None
+    return {"params": self.ema_params, "batch_stats": self.batch_stats}
 
   def train_item(self) -> dict[str, Any]:
     return {"step": self.step, "opt_state": self.opt_state, "key": self.key}
@@ -63,7 +72,7 @@ def build_model(config) -> models.DRAEM:
   if dtype is None:
     raise ValueError(f"config.model.dtype={config.model.dtype!r}: use 'float32' or 'bfloat16'")
   return models.DRAEM(recon_width=config.model.recon_width, disc_width=config.model.disc_width,
-                      dtype=dtype)
+                      dtype=dtype, init_scheme=config.model.init)
 
 
 steps_per_epoch = pipeline.steps_per_epoch
@@ -92,21 +101,28 @@ def make_optimizer(schedule: optax.Schedule) -> optax.GradientTransformation:
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
-                       image_shape: tuple[int, int]) -> TrainState:
-  """Initialises parameters (with the original's init), optimizer state and the run's key.
+                       image_shape: tuple[int, int], ema: bool = False) -> TrainState:
+  """Initialises parameters (with the model's init), optimizer state and the run's key.
 
   Args:
     model: the DRAEM module.
     tx: optimizer.
     key: typed PRNG key; split into an init key and the run key.
     image_shape: (H, W) of training images.
+    ema: also carry an EMA of the parameters, starting at the initial parameters.
   """
   init_key, run_key = jax.random.split(key)
   dummy = jnp.zeros((1, *image_shape, 3), jnp.float32)
   variables = model.init(init_key, dummy, train=False)
   params = variables["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables["batch_stats"], opt_state=tx.init(params), key=run_key)
+                    batch_stats=variables["batch_stats"], opt_state=tx.init(params), key=run_key,
+                    ema_params=jax.tree.map(jnp.copy, params) if ema else None)
+
+
+def ema_update(ema_params: Any, params: Any, decay: float) -> Any:
+  """``decay * ema + (1 - decay) * params``, leaf by leaf (float32)."""
+  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
 
 
 def loss_and_grads(model: nn.Module, params: Any, batch_stats: Any, syn: synthesis.Synthesized):
@@ -131,7 +147,8 @@ def loss_and_grads(model: nn.Module, params: Any, batch_stats: Any, syn: synthes
 def train_step(state: TrainState, train_images: jax.Array, sources: jax.Array, *, model: nn.Module,
                tx: optax.GradientTransformation, synthesis_config: synthesis.SynthesisConfig,
                schedule: optax.Schedule, batch_size: int, data_seed: int, crop_size: int | None = None,
-               batch_sharding: jax.sharding.Sharding | None = None) -> tuple[TrainState, dict[str, Any]]:
+               batch_sharding: jax.sharding.Sharding | None = None,
+               ema_decay: float = 0.0) -> tuple[TrainState, dict[str, Any]]:
   """One update: this step's images, anomaly synthesis, both networks, the losses and Adam.
 
   Args:
@@ -145,6 +162,7 @@ def train_step(state: TrainState, train_images: jax.Array, sources: jax.Array, *
     crop_size: static; if set, each example is a random ``crop_size`` crop of its (larger) image
       (``config.train_crop``), drawn from a key of its own.
     batch_sharding: where the step's batch lives (split over the ``data`` axis); None leaves it to XLA.
+    ema_decay: static; > 0 also updates ``state.ema_params`` (which must exist) with this decay.
 
   Returns:
     ``(new_state, metrics)``; metrics are float32 scalars: loss, l2, ssim, focal, grad_norm,
@@ -167,16 +185,23 @@ def train_step(state: TrainState, train_images: jax.Array, sources: jax.Array, *
   # 4. Adam.
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  # 5. The EMA of the weights, for evaluation only (config.ema_decay).
+  ema_params = state.ema_params
+  if ema_decay:
+    if ema_params is None:
+      raise ValueError("train_step: ema_decay > 0 needs a state made with create_train_state(ema=True)")
+    ema_params = ema_update(ema_params, params, ema_decay)
   metrics["anomaly_fraction"] = jnp.mean(syn.has_anomaly)
   metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                            opt_state=opt_state)
+                            opt_state=opt_state, ema_params=ema_params)
   return new_state, metrics
 
 
 def jit_train_step(mesh: jax.sharding.Mesh, *, model: nn.Module, tx: optax.GradientTransformation,
                    synthesis_config: synthesis.SynthesisConfig, schedule: optax.Schedule,
-                   batch_size: int, data_seed: int, crop_size: int | None = None):
+                   batch_size: int, data_seed: int, crop_size: int | None = None,
+                   ema_decay: float = 0.0):
   """``train_step`` with the recipe bound, jitted over ``mesh``; the state is donated.
 
   Returns:
@@ -186,7 +211,8 @@ def jit_train_step(mesh: jax.sharding.Mesh, *, model: nn.Module, tx: optax.Gradi
   parallel.check_batch_size(batch_size, mesh.size, jax.process_count(), name="config.batch_size")
   fn = functools.partial(train_step, model=model, tx=tx, synthesis_config=synthesis_config,
                          schedule=schedule, batch_size=batch_size, data_seed=data_seed,
-                         crop_size=crop_size, batch_sharding=parallel.data_sharding(mesh))
+                         crop_size=crop_size, batch_sharding=parallel.data_sharding(mesh),
+                         ema_decay=ema_decay)
   return jax.jit(fn, in_shardings=(repl, repl, repl), out_shardings=(repl, repl), donate_argnums=0)
 
 

@@ -26,6 +26,11 @@ from draem_jax import noise
 from draem_jax import prng
 
 
+EMPTY_MASK_RULES = ("keep", "retry")
+# SynthesisConfig.rotate_fill -> geometry.rotate's mode.
+ROTATE_FILLS = {"black": "constant", "edge": "edge", "reflect": "reflect"}
+
+
 @dataclasses.dataclass(frozen=True)
 class SynthesisConfig:
   """Knobs of the anomaly simulation; the defaults are the original code's ([D] data_loader.py).
@@ -42,6 +47,11 @@ class SynthesisConfig:
       u ~ U[0, 1) and the image weight 1 - w. The code's beta = 0.8 u with texture weight 1 - beta is
       (0.2, 1.0); the paper's texture weight beta ~ U[0.1, 1.0] is (0.1, 1.0).
     no_anomaly_prob: probability that an example is returned clean (input = target, empty mask).
+    empty_mask: what an example that drew an anomaly does with an empty Perlin mask (~5 % of them at the
+      defaults): "keep" (the original: it trains as a normal example) or "retry" (redraw the noise,
+      ``noise.perlin_mask_nonempty``; examples whose first mask is non-empty are unchanged).
+    rotate_fill: what the corners of a rotated normal image become: "black" (the original, imgaug's
+      constant 0), "edge" (nearest border pixel) or "reflect" (mirrored about the border).
   """
 
   rotate_prob: float = 0.3
@@ -51,6 +61,8 @@ class SynthesisConfig:
   noise_rotate_degrees: float = 90.0
   texture_weight_range: tuple[float, float] = (0.2, 1.0)
   no_anomaly_prob: float = 0.5
+  empty_mask: str = "keep"
+  rotate_fill: str = "black"
 
   def __post_init__(self):
     # Configs built from ml_collections / JSON carry lists; the dataclass must stay hashable.
@@ -68,6 +80,12 @@ class SynthesisConfig:
     if len(lo_hi) != 2 or not 0.0 <= lo_hi[0] <= lo_hi[1] <= 1.0:
       raise ValueError("SynthesisConfig.texture_weight_range must be (lo, hi) with 0 <= lo <= hi <= 1, "
                        f"got {lo_hi}")
+    if self.empty_mask not in EMPTY_MASK_RULES:
+      raise ValueError(f"SynthesisConfig.empty_mask must be one of {EMPTY_MASK_RULES}, got "
+                       f"{self.empty_mask!r}")
+    if self.rotate_fill not in ROTATE_FILLS:
+      raise ValueError(f"SynthesisConfig.rotate_fill must be one of {tuple(ROTATE_FILLS)}, got "
+                       f"{self.rotate_fill!r}")
 
   @classmethod
   def original(cls, **overrides) -> "SynthesisConfig":
@@ -167,12 +185,13 @@ def _synthesize_one(key: jax.Array, image: jax.Array, sources: jax.Array,
   # images, no noise or augmentation for the 50% clean ones. Under vmap it becomes a select, as before.
   target = image
   if config.rotate_prob > 0:
-    target = jax.lax.cond(c.rotate, lambda: geometry.rotate(image, c.degrees), lambda: image)
+    mode = ROTATE_FILLS[config.rotate_fill]
+    target = jax.lax.cond(c.rotate, lambda: geometry.rotate(image, c.degrees, mode=mode), lambda: image)
+  make_mask = noise.perlin_mask_nonempty if config.empty_mask == "retry" else noise.perlin_mask
 
   def with_anomaly():
-    mask = noise.perlin_mask(c.mask_key, image.shape[:2], threshold=config.threshold,
-                             max_log2_res=config.max_log2_res,
-                             rotate_degrees=config.noise_rotate_degrees)[..., None]
+    mask = make_mask(c.mask_key, image.shape[:2], threshold=config.threshold,
+                     max_log2_res=config.max_log2_res, rotate_degrees=config.noise_rotate_degrees)[..., None]
     source = sources[c.source_index].astype(jnp.float32) / 255.0
     texture = augment.random_augment_one(c.augment_key, source)
     return blend(target, texture, mask, c.texture_weight), mask

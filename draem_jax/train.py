@@ -193,7 +193,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
   schedule = steps.learning_rate_schedule(config, num_train)
   tx = steps.make_optimizer(schedule)
   image_shape = (config.image_size, config.image_size)
-  init_fn = jax.jit(lambda key: steps.create_train_state(model, tx, key, image_shape),
+  ema_decay = float(config.ema_decay)
+  init_fn = jax.jit(lambda key: steps.create_train_state(model, tx, key, image_shape, ema=ema_decay > 0),
                     out_shardings=repl)
   # Made by a jitted call so it is a global replicated array on multi-host runs too.
   seed_key = jax.jit(jax.random.key, out_shardings=repl)(config.seed)
@@ -205,8 +206,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
           checkpointing.abstract_like(abstract.train_item()))
     except checkpointing.NoCheckpointError as e:
       raise TrainingError(str(e)) from None
+    ema_params = None
+    if ema_decay > 0:
+      try:
+        ema_params = checkpointing.restore_ema(
+            workdir, start, checkpointing.abstract_like(abstract.ema_variables()))["params"]
+      except checkpointing.NoCheckpointError as e:
+        raise TrainingError(str(e)) from None
     state = steps.TrainState(params=model_vars["params"], batch_stats=model_vars["batch_stats"],
-                             **train_item)
+                             ema_params=ema_params, **train_item)
     logging.info("Resumed from step %d of %d.", start, total_steps)
   else:
     state, start = init_fn(seed_key), 0
@@ -215,7 +223,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
   train_step = steps.jit_train_step(
       mesh, model=model, tx=tx, synthesis_config=recipes.synthesis_config(config), schedule=schedule,
       batch_size=config.batch_size, data_seed=config.seed,
-      crop_size=config.image_size if config.train_crop else None)
+      crop_size=config.image_size if config.train_crop else None, ema_decay=ema_decay)
 
   mngr = checkpointing.manager(workdir, keep=config.keep_checkpoints)
   writer = writers.MetricWriter(workdir, resume_step=start if status == "resume" else None)
@@ -262,7 +270,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
         if step % config.checkpoint_every_steps == 0 or step == total_steps or stop:
           finish_step(*pending, last=stop)  # never save a state whose loss was not checked
           pending = None
-          checkpointing.save(mngr, step, state.model_variables(), state.train_item())
+          checkpointing.save(mngr, step, state.model_variables(), state.train_item(), state.ema_variables())
           validator.run(step, state.model_variables())  # every saved step gets its thresholds
         elif validator.due(step):
           validator.run(step, state.model_variables())

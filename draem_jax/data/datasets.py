@@ -116,7 +116,7 @@ def load_anomaly_sources(config) -> np.ndarray:
   if config.anomaly_source_path:
     pool = sources.load_sources(config.anomaly_source_path, size, max_sources=max_sources,
                                 tfds_data_dir=config.tfds_data_dir or None,
-                                seed=config.seed)
+                                seed=config.seed, resize=config.source_resize)
   else:
     pool = sources.procedural_sources(max_sources or NUM_PROCEDURAL_SOURCES, size, seed=config.seed)
   logging.info("%d anomaly sources at %dx%d (%.1f MB)", len(pool), size[0], size[1], pool.nbytes / 2**20)

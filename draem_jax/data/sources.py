@@ -6,6 +6,11 @@ INTER_LINEAR (VitjanZ/DRAEM data_loader.py L78, L111-112, L161). Here the whole 
 resized once into one uint8 array, which training puts on every device; the on-device synthesis picks
 one texture per example by index.
 
+``resize="antialias"`` (``config.source_resize``) shrinks with an antialiasing filter instead (PIL's
+bilinear, whose triangle filter widens with the reduction; anomalib resizes its sources with torchvision's
+``antialias=True``, the same filter): at 64 px an unfiltered 4x-8x reduction keeps about 2.5x the
+high-frequency energy, i.e. aliased, noisier textures than the photographs hold (docs/recipe.md).
+
 Memory: S * H * W * 3 bytes. All 5,640 DTD images at 256 x 256 take 1.11 GB (5640 * 196,608 bytes);
 ``max_sources`` caps this (e.g. 1,000 -> 197 MB), at the price of a smaller texture pool than the
 reference's.
@@ -17,10 +22,35 @@ import os
 
 import numpy as np
 from absl import logging
+from PIL import Image
 
 from draem_jax.data import folder, image_io
 
 TFDS_PREFIX = "tfds:"
+RESIZE_RULES = ("original", "antialias")
+
+
+def resize_antialias(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """Antialiased bilinear resize (PIL's BILINEAR: a triangle filter scaled to the reduction).
+
+  Args:
+    image: uint8 (H, W, 3).
+    size: output (height, width).
+
+  Returns:
+    uint8 (height, width, 3); plain bilinear interpolation when enlarging.
+  """
+  h, w = (int(v) for v in size)
+  return np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((w, h), Image.Resampling.BILINEAR))
+
+
+def resize_source(image: np.ndarray, size: tuple[int, int], resize: str = "original") -> np.ndarray:
+  """One source image at ``size``: "original" = OpenCV's INTER_LINEAR (no antialias), or "antialias"."""
+  if resize == "original":
+    return image_io.resize_bilinear(image, size)
+  if resize == "antialias":
+    return resize_antialias(image, size)
+  raise ValueError(f"source resize must be one of {RESIZE_RULES}, got {resize!r}")
 
 
 def list_source_files(path: str | os.PathLike) -> list[str]:
@@ -61,7 +91,8 @@ def _subsample(n: int, max_sources: int | None, seed: int) -> np.ndarray:
 def load_sources(path: str | os.PathLike, image_size: tuple[int, int],
                  max_sources: int | None = None, seed: int = 0,
                  num_workers: int | None = None,
-                 tfds_data_dir: str | os.PathLike | None = None) -> np.ndarray:
+                 tfds_data_dir: str | os.PathLike | None = None,
+                 resize: str = "original") -> np.ndarray:
   """Decodes and resizes an anomaly-source pool.
 
   Args:
@@ -74,9 +105,11 @@ def load_sources(path: str | os.PathLike, image_size: tuple[int, int],
     seed: seed of that subset.
     num_workers: decoding threads.
     tfds_data_dir: where tfds keeps prepared datasets, for ``"tfds:<name>"`` (tfds default when None).
+    resize: "original" (OpenCV-exact bilinear, no antialias, as the reference) or "antialias"
+      (``resize_antialias``).
 
   Returns:
-    uint8 (S, H, W, 3), RGB, OpenCV-exact bilinear resize.
+    uint8 (S, H, W, 3), RGB.
 
   Raises:
     FileNotFoundError / ValueError: missing folder, no images, undecodable file (named).
@@ -84,15 +117,26 @@ def load_sources(path: str | os.PathLike, image_size: tuple[int, int],
   spec = os.fspath(path)
   if spec.startswith(TFDS_PREFIX):
     return load_tfds_sources(spec[len(TFDS_PREFIX):], image_size, data_dir=tfds_data_dir,
-                             max_sources=max_sources, seed=seed, num_workers=num_workers)
+                             max_sources=max_sources, seed=seed, num_workers=num_workers, resize=resize)
   files = list_source_files(spec)
   keep = _subsample(len(files), max_sources, seed)
-  return folder.load_images(files, image_size, indices=keep, num_workers=num_workers)
+  if resize == "original":
+    return folder.load_images(files, image_size, indices=keep, num_workers=num_workers)
+  resize_source(np.zeros((1, 1, 3), np.uint8), (1, 1), resize)  # A bad rule fails before any decoding.
+  h, w = image_size
+  out = np.empty((len(keep), h, w, 3), np.uint8)
+
+  def one(i: int) -> None:
+    out[i] = resize_source(image_io.load_rgb(files[int(keep[i])]), (h, w), resize)
+
+  image_io.parallel_map(one, range(len(keep)), num_workers)
+  return out
 
 
 def load_tfds_sources(name: str, image_size: tuple[int, int], *, split: str = "all",
                       data_dir: str | os.PathLike | None = None, max_sources: int | None = None,
-                      seed: int = 0, num_workers: int | None = None) -> np.ndarray:
+                      seed: int = 0, num_workers: int | None = None,
+                      resize: str = "original") -> np.ndarray:
   """Images of a prepared tfds dataset (e.g. ``dtd``) as a source pool; no download, no TF.
 
   The dataset must already be prepared in array_record format (``tfds build dtd
@@ -103,7 +147,7 @@ def load_tfds_sources(name: str, image_size: tuple[int, int], *, split: str = "a
     image_size: output (height, width).
     split: tfds split expression; "all" joins every split (DTD: train+validation+test = 5,640).
     data_dir: tfds data dir (tfds default when None).
-    max_sources, seed, num_workers: as in ``load_sources``.
+    max_sources, seed, num_workers, resize: as in ``load_sources``.
 
   Returns:
     uint8 (S, H, W, 3), RGB, ordered by the dataset's record order (then subsampled).
@@ -135,7 +179,7 @@ def load_tfds_sources(name: str, image_size: tuple[int, int], *, split: str = "a
     img = np.asarray(source[int(keep[i])]["image"])
     if img.ndim == 2 or img.shape[-1] == 1:
       img = np.repeat(img.reshape(img.shape[:2] + (1,)), 3, axis=2)
-    out[i] = image_io.resize_bilinear(img[..., :3], (h, w))
+    out[i] = resize_source(img[..., :3], (h, w), resize)
 
   image_io.parallel_map(one, range(len(keep)), num_workers)
   return out
