@@ -164,8 +164,13 @@ def demo() -> ml_collections.ConfigDict:
   c.model.recon_width = 16
   c.model.disc_width = 16
   c.batch_size = 8
-  c.num_epochs = 40
-  c.learning_rate = 1e-3
+  # Tuned on the demo data (the table in configs/demo.py): 160 steps at lr 2e-3 without the
+  # normal-image rotation, whose black corners taught the model that dark patches are normal (holes
+  # were missed): image AUROC 0.968 / 0.986 / 0.995 over seeds 0-2, against 0.868 for 320 steps at lr
+  # 1e-3 with the original's rotation.
+  c.num_epochs = 20
+  c.learning_rate = 2e-3
+  c.synthesis.rotate_prob = 0.0
   c.log_every_steps = 20
   c.checkpoint_every_steps = 100
   c.eval.num_visualizations = 8
@@ -175,6 +180,9 @@ def demo() -> ml_collections.ConfigDict:
 def tiny() -> ml_collections.ConfigDict:
   """The demo at 32x32 with 4-channel networks: 64 images, batch 16, 2 epochs = 8 steps (tests)."""
   c = demo()
+  # The tests keep the original's rotation (its code path) and the earlier demo learning rate.
+  c.synthesis.rotate_prob = synthesis.SynthesisConfig.original().rotate_prob
+  c.learning_rate = 1e-3
   c.image_size = 32
   c.model.recon_width = 4
   c.model.disc_width = 4
