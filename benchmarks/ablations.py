@@ -1,0 +1,178 @@
+r"""The recipe switches (docs/recipe.md) measured: each ablation trained for a fixed step budget.
+
+  python -m benchmarks.ablations --data_dir=PIPED_MVTEC --textures=DTD_IMAGES --out=ablations \
+      [--categories=a,b,...] [--ablations=original,fast,...] [--seeds=0,1] [--steps=100]
+
+Each (ablation, category, seed) is one ``train.train_and_evaluate`` of ``recipes.mvtec(category)`` at
+``--size`` px, widths ``--widths``, batch ``--batch``, constant learning rate 1e-4, ``--steps`` steps
+(rounded up to whole epochs), no held-out images (everything trains, as anomalib's side), then the test
+split's image AUROC, pixel AP and AUPRO. ``--ema_decay`` adds the EMA weights' metrics to every run (the
+EMA does not change the raw training, so the raw metrics stay the ablation's own). One run at a time.
+Rows are appended to ``OUT/runs.jsonl`` as they finish (an interrupted sweep continues where it
+stopped) and ``OUT/table.md`` is rewritten after each: per ablation the mean over categories of each
+seed, then mean and spread (sample std) over seeds, and the mean wall time per run with the 1-minute
+load average around it. Quality does not depend on machine load; wall times do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import tempfile
+import time
+from typing import Callable
+
+import numpy as np
+
+from draem_jax import recipes
+
+KEYS = ("image_auroc", "pixel_ap", "aupro")
+
+
+def _set(**fields) -> Callable:
+  def apply(c):
+    for name, value in fields.items():
+      head, _, last = name.replace("__", ".").rpartition(".")
+      (c[head] if head else c)[last] = value
+  return apply
+
+
+# name -> what it changes relative to the original recipe (docs/recipe.md).
+ABLATIONS: dict[str, Callable] = {
+    "original": _set(),
+    "antialias": _set(source_resize="antialias"),
+    "retry": _set(synthesis__empty_mask="retry"),
+    "rotate_edge": _set(synthesis__rotate_fill="edge"),
+    "rotate_off": _set(synthesis__rotate_prob=0.0),
+    "rotate_45": _set(synthesis__rotate_degrees=45.0),
+    "init_pytorch": _set(model__init="pytorch_default"),
+    "init_width": _set(model__init="width_scaled"),
+    "ema_0.9": _set(ema_decay=0.9),
+    "texture_paper": _set(synthesis__texture_weight_range=(0.1, 1.0)),
+    "lr_3e-4": _set(learning_rate=3e-4),
+    "fast": lambda c: recipes._fast(c),  # pylint: disable=protected-access  (the variant's own switches)
+}
+
+
+def make_config(ablation: str, category: str, seed: int, args) -> tuple:
+  c = recipes.mvtec(category)
+  c.seed = seed
+  c.dataset = "folder"
+  c.data_dir = args.data_dir
+  c.anomaly_source_path = args.textures
+  c.image_size = args.size
+  c.model.recon_width, c.model.disc_width = args.widths
+  c.batch_size = args.batch
+  c.lr_decay_fractions = ()  # constant learning rate over the short budget
+  c.validation.fraction = 0.0
+  c.checkpoint_every_steps = 10**9  # the final step is saved anyway
+  c.log_every_steps = 25
+  c.eval.num_visualizations = 0
+  c.eval.batch_size = args.batch
+  ABLATIONS[ablation](c)
+  if args.ema_decay and not c.ema_decay:
+    c.ema_decay = args.ema_decay  # evaluated beside the raw weights; the raw training is unchanged
+  num_train = len([f for f in os.listdir(os.path.join(args.data_dir, category, "train", "good"))
+                   if not f.startswith(".")])
+  spe = math.ceil(num_train / c.batch_size)
+  c.num_epochs = max(1, math.ceil(args.steps / spe))
+  return c, c.num_epochs * spe
+
+
+def _load1() -> float:
+  return os.getloadavg()[0]
+
+
+def run_one(ablation: str, category: str, seed: int, args) -> dict:
+  from draem_jax import train  # pylint: disable=g-import-not-at-top  (JAX set up after the flags)
+  c, total = make_config(ablation, category, seed, args)
+  load_before = _load1()
+  t0 = time.perf_counter()
+  with tempfile.TemporaryDirectory(prefix="draem_ablation_") as workdir:
+    results = train.train_and_evaluate(c, workdir)
+  row = {"ablation": ablation, "category": category, "seed": seed, "steps": total,
+         "wall_s": time.perf_counter() - t0, "load_before": load_before, "load_after": _load1(),
+         **{k: results[k] for k in KEYS}}
+  for k in KEYS:
+    if f"ema_{k}" in results:
+      row[f"ema_{k}"] = results[f"ema_{k}"]
+  return row
+
+
+def table(rows: list[dict], ablations: list[str]) -> str:
+  """Markdown: per ablation, mean over categories per seed, then mean ± std over seeds."""
+  keys = list(KEYS) + [f"ema_{k}" for k in KEYS if any(f"ema_{k}" in r for r in rows)]
+  head = ["ablation", "runs"] + [k.replace("_", " ") for k in keys] + ["wall s / run", "load 1-min"]
+  out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for name in ablations:
+    mine = [r for r in rows if r["ablation"] == name]
+    if not mine:
+      continue
+    cells = [name, str(len(mine))]
+    seeds = sorted({r["seed"] for r in mine})
+    for k in keys:
+      per_seed = [np.mean([r[k] for r in mine if r["seed"] == s and r.get(k) is not None]) for s in seeds]
+      per_seed = [v for v in per_seed if np.isfinite(v)]
+      if not per_seed:
+        cells.append("-")
+        continue
+      spread = f" ± {100 * np.std(per_seed, ddof=1):.1f}" if len(per_seed) > 1 else ""
+      cells.append(f"{100 * np.mean(per_seed):.1f}{spread}")
+    cells.append(f"{np.mean([r['wall_s'] for r in mine]):.0f}")
+    loads = [r["load_before"] for r in mine] + [r["load_after"] for r in mine]
+    cells.append(f"{min(loads):.1f}-{max(loads):.1f}")
+    out.append("| " + " | ".join(cells) + " |")
+  return "\n".join(out) + "\n"
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--data_dir", required=True, help="MVTec-layout root (e.g. the PIPED categories)")
+  p.add_argument("--textures", required=True, help="anomaly-source folder (e.g. DTD images)")
+  p.add_argument("--out", required=True, help="folder for runs.jsonl and table.md")
+  p.add_argument("--categories", default="", help="comma-separated; default: every category folder")
+  p.add_argument("--ablations", default=",".join(ABLATIONS), help=f"comma-separated of {list(ABLATIONS)}")
+  p.add_argument("--seeds", default="0,1")
+  p.add_argument("--steps", type=int, default=100)
+  p.add_argument("--size", type=int, default=64)
+  p.add_argument("--widths", default="32,16")
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--ema_decay", type=float, default=0.0,
+                 help="> 0: every run also keeps an EMA of its weights and reports its metrics (ema_*)")
+  p.add_argument("--order", choices=("seed_first", "ablation_first"), default="seed_first",
+                 help="seed_first: every ablation on every category for seed 0, then seed 1, ...")
+  args = p.parse_args()
+  args.widths = tuple(int(w) for w in args.widths.split(","))
+  ablations = [a for a in args.ablations.split(",") if a]
+  unknown = set(ablations) - set(ABLATIONS)
+  if unknown:
+    raise SystemExit(f"unknown ablation(s) {sorted(unknown)}; known: {list(ABLATIONS)}")
+  categories = [c for c in args.categories.split(",") if c] or sorted(
+      d for d in os.listdir(args.data_dir) if os.path.isdir(os.path.join(args.data_dir, d)))
+  seeds = [int(s) for s in args.seeds.split(",")]
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  log = out / "runs.jsonl"
+  rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+  done = {(r["ablation"], r["category"], r["seed"]) for r in rows}
+  if args.order == "seed_first":
+    plan = [(a, c, s) for s in seeds for c in categories for a in ablations]
+  else:
+    plan = [(a, c, s) for a in ablations for s in seeds for c in categories]
+  for a, c, s in plan:
+    if (a, c, s) in done:
+      continue
+    row = run_one(a, c, s, args)
+    rows.append(row)
+    with log.open("a") as f:
+      f.write(json.dumps(row) + "\n")
+    (out / "table.md").write_text(table(rows, ablations))
+    print(f"{a} {c} seed {s}: " + ", ".join(f"{k} {row[k]:.3f}" for k in KEYS)
+          + f" ({row['wall_s']:.0f} s, load {row['load_before']:.1f}-{row['load_after']:.1f})", flush=True)
+
+
+if __name__ == "__main__":
+  main()
