@@ -10,7 +10,9 @@ bit-identical to an uninterrupted run; a finished run is only re-evaluated.
 Exit codes: 0 finished (and evaluated); 1 error (one line on stderr); ``EXIT_STOPPED_EARLY`` (75,
 "temporary failure") when the run stopped before its last step on SIGTERM or ``config.stop_after_steps``
 with a checkpoint saved: rerun the same command to resume (schedulers that requeue on non-zero exits
-do exactly that).
+do exactly that); ``EXIT_PEER_LOST`` (69, "service unavailable") when another process of a multi-process
+run stopped (killed, crashed): this one exits as soon as a collective with it fails, with one line;
+rerun every process to resume from the last checkpoint.
 
 ``--config.overwrite=True`` sets a previous run aside (renamed ``*.replaced-<time>``, never deleted) and
 starts again, except for an unfinished run that an overwrite invocation with the same config started:
@@ -21,7 +23,9 @@ restarting from step 0 forever.
 from __future__ import annotations
 
 import os
+import re
 import signal
+import sys
 from typing import Any
 
 from absl import app
@@ -45,6 +49,9 @@ from draem_jax.data import pipeline
 
 FLAGS = flags.FLAGS
 EXIT_STOPPED_EARLY = 75  # sysexits.h EX_TEMPFAIL: stopped with a checkpoint; rerun to resume
+EXIT_PEER_LOST = 69  # sysexits.h EX_UNAVAILABLE: another process of the run stopped; rerun all to resume
+# A collective whose peer process is gone (gloo on CPU hosts; the coordination service's status).
+_PEER_LOST = re.compile(r"Connection (closed|reset) by peer|Gloo \w+ failed|UNAVAILABLE")
 
 
 def define_flags() -> None:
@@ -258,6 +265,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
   pending = None
   step = start
   stop = False
+  lost = False
   try:
     with _Preemption() as preemption:
       for step in range(start + 1, total_steps + 1):
@@ -278,10 +286,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
           break
       if pending is not None:
         finish_step(*pending)
+  except jax.errors.JaxRuntimeError as e:
+    lost = peer_lost(e)
+    raise
   finally:
-    # Let an in-flight (async) save complete even when training failed: it holds a checked state.
-    mngr.wait_until_finished()
-    mngr.close()
+    # Let an in-flight (async) save complete even when training failed: it holds a checked state. Not
+    # when another process is gone: the save waits at a barrier for it, which only jax.distributed's
+    # heartbeat timeout ends, with a C++ abort.
+    if not lost:
+      mngr.wait_until_finished()
+      mngr.close()
     writer.close()
   if stop and step < total_steps:
     raise StoppedEarly(
@@ -293,7 +307,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
 def maybe_initialize_distributed(multihost: bool) -> None:
   """Initialises multi-process JAX when asked or on a multi-worker TPU slice; before any JAX use."""
   hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  if multihost or ("," in hosts):
+  if (multihost or ("," in hosts)) and not jax.distributed.is_initialized():
     jax.distributed.initialize()
 
 
@@ -302,13 +316,42 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   writers.quiet_library_logs()
   maybe_initialize_distributed(FLAGS.multihost)
+  run(FLAGS.config, FLAGS.workdir)
+
+
+def run(config: ml_collections.ConfigDict, workdir) -> None:
+  """``train_and_evaluate`` with the program's exit codes (module docstring); errors are one line."""
   try:
-    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    train_and_evaluate(config, workdir)
   except StoppedEarly as e:
     logging.warning("%s", e)
     raise SystemExit(EXIT_STOPPED_EARLY) from None
   except (TrainingError, ValueError, OSError) as e:
-    raise SystemExit(f"error: {writers.one_line(e)}") from None
+    _exit(f"error: {writers.one_line(e)}", 1)
+  except jax.errors.JaxRuntimeError as e:
+    if peer_lost(e):
+      _exit(f"error: another process of this {jax.process_count()}-process run stopped "
+            f"({writers.one_line(e)}); rerun every process with the same command to resume from the last "
+            "checkpoint.", EXIT_PEER_LOST)
+    raise
+
+
+def peer_lost(e: BaseException) -> bool:
+  """Whether ``e`` is a collective failing because another process of the run is gone."""
+  return (jax.process_count() > 1 and isinstance(e, jax.errors.JaxRuntimeError)
+          and _PEER_LOST.search(str(e)) is not None)
+
+
+def _exit(line: str, code: int) -> None:
+  """Ends the program with ``line`` on stderr. A multi-process run ends at once: jax.distributed's
+  shutdown at exit waits at a barrier for every process, and with one gone it aborts with a C++ trace
+  after the heartbeat timeout; the other processes see this one's connections close and stop too."""
+  if jax.process_count() == 1:
+    raise SystemExit(line)
+  logging.flush()
+  sys.stdout.flush()
+  print(line, file=sys.stderr, flush=True)
+  os._exit(code)  # pylint: disable=protected-access
 
 
 if __name__ == "__main__":

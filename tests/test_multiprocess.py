@@ -1,4 +1,5 @@
-"""Two jax.distributed processes (gloo, loopback) train exactly like one process with as many devices."""
+"""Two jax.distributed processes (gloo, loopback) train exactly like one process with as many devices; a
+killed process makes the other exit at once with one line, and rerunning both resumes bit-identically."""
 
 import json
 import os
@@ -6,10 +7,15 @@ import pathlib
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 
+from draem_jax import train
+from draem_jax.data import demo
+
 WORKER = pathlib.Path(__file__).with_name("multiprocess_worker.py")
+TRAIN_WORKER = pathlib.Path(__file__).with_name("multiprocess_train_worker.py")
 REPO = WORKER.parent.parent
 
 
@@ -57,3 +63,58 @@ def test_two_processes_match_one_process():
   np.testing.assert_allclose(multi["batch_stats_sum"], single["batch_stats_sum"], rtol=1e-3)
   # Training moved: the check compares different numbers at each step.
   assert len(set(single["losses"])) == 3
+
+
+def _train_procs(workdir, data_dir, cache_dir) -> list[subprocess.Popen]:
+  port = _free_port()
+  # A shared compilation cache: the rerun and the second run compile little (2 loaded cores).
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
+         "JAX_COMPILATION_CACHE_DIR": str(cache_dir), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  env.pop("XLA_FLAGS", None)
+  return [subprocess.Popen([sys.executable, str(TRAIN_WORKER), str(i), "2", str(port), str(workdir),
+                            str(data_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                           text=True) for i in range(2)]
+
+
+def _finish(procs) -> dict:
+  try:
+    outs = [p.communicate(timeout=480) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, f"worker failed (rc {p.returncode}):\n{err[-3000:]}"
+  return json.loads([text for text in outs[0][0].splitlines() if text.startswith("{")][-1])
+
+
+def test_killed_process_stops_the_other_with_one_line_and_rerun_resumes_bit_identically(tmp_path):
+  data_dir, cache = tmp_path / "data", tmp_path / "cache"
+  demo.ensure_demo_dataset(str(data_dir), category="demo_fabric")  # once, not by two processes at a time
+  workdir = tmp_path / "killed"
+  procs = _train_procs(workdir, data_dir, cache)
+  try:
+    deadline = time.monotonic() + 480
+    while not (workdir / "checkpoints" / "4").exists():
+      assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "no checkpoint 4"
+      time.sleep(0.1)
+    procs[1].kill()
+    killed_at = time.monotonic()
+    _, err = procs[0].communicate(timeout=120)
+    waited = time.monotonic() - killed_at
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  # At once (a collective with the killed process fails), well before jax.distributed's heartbeat
+  # timeout (100 s), whose C++ abort would print a stack trace instead.
+  assert procs[0].returncode == train.EXIT_PEER_LOST, err[-3000:]
+  assert waited < 60, f"exited {waited:.0f} s after the kill"
+  last = err.strip().splitlines()[-1]
+  assert last.startswith("error: another process of this 2-process run stopped ("), err[-3000:]
+  assert last.endswith("rerun every process with the same command to resume from the last checkpoint.")
+  assert "Traceback" not in err and "Check failure" not in err, err[-3000:]
+
+  resumed = _finish(_train_procs(workdir, data_dir, cache))  # the same command again: resumes
+  reference = _finish(_train_procs(tmp_path / "uninterrupted", data_dir, cache))
+  assert resumed == reference and resumed["step"] == 40  # bit-identical variables
