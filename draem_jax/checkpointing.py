@@ -152,6 +152,12 @@ def _one_line(e: BaseException) -> str:
   return f"{type(e).__name__}: {text[:300]}"
 
 
+def _is_layout_error(e: BaseException) -> bool:
+  """Whether a restore failed on the devices or shardings asked for rather than on the files."""
+  # orbax's StandardCheckpointHandler: a saved sharding that names devices this process lacks.
+  return "topology mismatch" in str(e).lower()
+
+
 def restore_intact(workdir, abstract_model: Any, abstract_train: Any | None = None,
                    step: int | None = None) -> tuple[int, Any, Any | None]:
   """Restores the newest intact checkpoint (or exactly ``step``).
@@ -194,6 +200,11 @@ def restore_intact(workdir, abstract_model: Any, abstract_train: Any | None = No
         model, train = restore(mngr, s, abstract_model, abstract_train)
       return s, model, train
     except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many kinds)
+      if _is_layout_error(e):
+        # Intact files that do not fit this process's devices: not damage, so nothing is set aside.
+        raise NoCheckpointError(
+            f"checkpoint {folder / str(s)} was saved for other devices than this process has "
+            f"({_one_line(e)}); restore it with the shardings of this process's devices.") from None
       if step is not None:
         raise NoCheckpointError(
             f"checkpoint {folder / str(s)} cannot be restored ({_one_line(e)}).") from None

@@ -200,13 +200,18 @@ def abstract_variables(model, image_size: int, sharding=None) -> dict[str, Any]:
 def restore_model(workdir, config, step: int | None = None, sharding=None):
   """Restores the model of a run: the newest intact checkpoint, or ``step``.
 
-  A damaged newest checkpoint is set aside with a warning and the next one is used.
+  A damaged newest checkpoint is set aside with a warning and the next one is used. ``sharding``: where
+  the variables go (default: this process's first device).
 
   Returns:
     ``(model, variables, step)`` with variables ``{"params", "batch_stats"}``.
   """
   from draem_jax import steps  # pylint: disable=g-import-not-at-top  (steps imports the data pipeline)
   model = steps.build_model(config)
+  if sharding is None:
+    # Onto this process's first device: without a sharding orbax would restore the layout the run was
+    # saved with, whose devices (e.g. another process's) need not exist here.
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = abstract_variables(model, config.image_size, sharding)
   step, variables, _ = checkpointing.restore_intact(path(workdir), abstract, step=step)
   return model, variables, step

@@ -85,6 +85,29 @@ def test_damaged_newest_checkpoint_falls_back_and_is_set_aside(stopped_run, tmp_
     np.testing.assert_array_equal(a, b)
 
 
+def test_checkpoint_saved_for_other_devices_is_not_set_aside(stopped_run, tmp_path, monkeypatch):
+  """Intact files that name devices this process lacks (a pod run read on one host) are not damage."""
+  workdir = _copy(stopped_run, tmp_path)
+
+  def restore_elsewhere(*args, **kwargs):
+    # orbax's own words when a saved sharding names devices that do not exist here.
+    raise ValueError("Topology mismatch detected. The checkpoint was saved with a different topology "
+                     "than the current one. Please provide a target tree with the desired topology.")
+
+  monkeypatch.setattr(checkpointing, "restore", restore_elsewhere)
+  with pytest.raises(checkpointing.NoCheckpointError, match="saved for other devices") as e:
+    rundir.restore_model(workdir, tiny())
+  assert "\n" not in str(e.value)
+  assert checkpointing.all_steps(workdir) == [2, 4, 6]
+  assert not os.path.exists(os.path.join(workdir, checkpointing.DAMAGED_DIR))
+
+
+def test_restore_model_places_variables_on_this_process(stopped_run):
+  _, variables, _ = rundir.restore_model(stopped_run, tiny())
+  device = jax.local_devices()[0]
+  assert all(leaf.devices() == {device} for leaf in jax.tree.leaves(variables))
+
+
 def test_no_intact_checkpoint_is_one_line_naming_the_folder(stopped_run, tmp_path):
   workdir = _copy(stopped_run, tmp_path)
   for step in (2, 4, 6):
