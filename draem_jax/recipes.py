@@ -40,6 +40,10 @@ SWITCH_DEFAULTS = {
     "source_resize": "original", "synthesis.empty_mask": "keep", "synthesis.rotate_fill": "black",
     "model.init": "normal_0.02", "ema_decay": 0.0,
 }
+# What a run recorded before a field existed trained with, for reading older records (the resume check
+# and ``rundir.load_config``): the switches' original values, and no hold-out split (before it existed
+# every train/good image was trained on).
+BEFORE_FIELD_EXISTED = {**SWITCH_DEFAULTS, "validation.fraction": 0.0}
 VARIANTS = ("paper", "fast")
 
 DATASETS = ("folder", "tfds", "demo")

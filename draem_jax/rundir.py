@@ -80,16 +80,11 @@ def write_config(workdir, config: ml_collections.ConfigDict) -> None:
     write_json(path(workdir) / CONFIG_FILE, json.loads(config.to_json()))
 
 
-# What a run recorded before a field existed did, where that differs from the field's default: before
-# the hold-out split existed every train/good image was trained on.
-_BEFORE_FIELD_EXISTED = {"validation.fraction": 0.0}
-
-
 def load_config(workdir) -> ml_collections.ConfigDict:
   """The config a run was trained (or converted) with, from ``WORKDIR/config.json``.
 
   A record from an older version (or an older converter) lacks the fields added since; the run behaved
-  as their recipe defaults describe (``_BEFORE_FIELD_EXISTED`` lists the exceptions), so they are
+  as ``recipes.BEFORE_FIELD_EXISTED`` and otherwise the recipe's defaults describe, so they are
   completed from the recipe (``recipes.complete``, logged) and code reads every field directly. The
   resume check compares the record as written (deny by default).
   """
@@ -104,7 +99,7 @@ def load_config(workdir) -> ml_collections.ConfigDict:
     raise RunError(f"{file} holds {type(recorded).__name__}, not a config object; restore it from a copy "
                    "or set the run aside.")
   try:
-    config, filled = recipes.complete(recorded, _BEFORE_FIELD_EXISTED)
+    config, filled = recipes.complete(recorded, recipes.BEFORE_FIELD_EXISTED)
   except ValueError as e:
     raise RunError(f"{file}: {e}; restore it from a copy or set the run aside.") from None
   if filled:
@@ -164,8 +159,8 @@ def config_changes(saved, config) -> list[str]:
   for field in sorted(set(a) | set(b)):
     if _is_bookkeeping(field):
       continue
-    # A recipe switch absent from the record: the run trained with the switch's original default.
-    old, new = a.get(field, recipes.SWITCH_DEFAULTS.get(field, missing)), b.get(field, missing)
+    # A field absent from the record: the run trained with what it did before the field existed.
+    old, new = a.get(field, recipes.BEFORE_FIELD_EXISTED.get(field, missing)), b.get(field, missing)
     if old != new:
       show = lambda v: "(absent)" if v is missing else repr(v)  # noqa: E731
       changes.append(f"{field}: {show(old)} -> {show(new)}")
