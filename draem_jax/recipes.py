@@ -150,8 +150,10 @@ def _fast(c: ml_collections.ConfigDict) -> None:
   """The ``fast`` variant: the switches that remove what the audit found slowing short budgets down.
 
   Antialiased textures, no empty masks where an anomaly was drawn, edge-filled rotations instead of
-  black corners, PyTorch's default init (anomalib's). Not yet measured against the original recipe at
-  equal steps; see docs/recipe.md for what has been.
+  black corners, PyTorch's default init (anomalib's). Measured (docs/recipe.md; 64 px, widths 32/16,
+  batch 8, 100 steps, 2 PIPED categories x 2 seeds): image AUROC 98.1 +- 0.3 vs the original's
+  89.8 +- 4.4; pixel AP 27.6 +- 29.3 vs 18.0 +- 4.0 and AUPRO 60.3 +- 12.6 vs 61.9 +- 7.0, i.e. not
+  better beyond the spread over seeds. No expected numbers for full-size runs.
   """
   c.source_resize = "antialias"
   c.synthesis.empty_mask = "retry"
