@@ -28,6 +28,7 @@ import ml_collections
 import numpy as np
 
 from draem_jax import checkpointing
+from draem_jax import parallel
 from draem_jax import recipes
 
 CONFIG_FILE = "config.json"
@@ -196,7 +197,7 @@ def restore_model(workdir, config, step: int | None = None, sharding=None):
   """Restores the model of a run: the newest intact checkpoint, or ``step``.
 
   A damaged newest checkpoint is set aside with a warning and the next one is used. ``sharding``: where
-  the variables go (default: this process's first device).
+  the variables go (default: replicated over every device of the program).
 
   Returns:
     ``(model, variables, step)`` with variables ``{"params", "batch_stats"}``.
@@ -204,9 +205,9 @@ def restore_model(workdir, config, step: int | None = None, sharding=None):
   from draem_jax import steps  # pylint: disable=g-import-not-at-top  (steps imports the data pipeline)
   model = steps.build_model(config)
   if sharding is None:
-    # Onto this process's first device: without a sharding orbax would restore the layout the run was
-    # saved with, whose devices (e.g. another process's) need not exist here.
-    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    # Replicated over this program's devices (all processes'): without a sharding orbax would restore
+    # the layout the run was saved with, whose devices (e.g. another process's) need not exist here.
+    sharding = parallel.replicated(parallel.make_mesh())
   abstract = abstract_variables(model, config.image_size, sharding)
   step, variables, _ = checkpointing.restore_intact(path(workdir), abstract, step=step)
   return model, variables, step

@@ -102,10 +102,10 @@ def test_checkpoint_saved_for_other_devices_is_not_set_aside(stopped_run, tmp_pa
   assert not os.path.exists(os.path.join(workdir, checkpointing.DAMAGED_DIR))
 
 
-def test_restore_model_places_variables_on_this_process(stopped_run):
+def test_restore_model_replicates_over_this_programs_devices(stopped_run):
   _, variables, _ = rundir.restore_model(stopped_run, tiny())
-  device = jax.local_devices()[0]
-  assert all(leaf.devices() == {device} for leaf in jax.tree.leaves(variables))
+  assert all(leaf.devices() == set(jax.devices()) and leaf.sharding.is_fully_replicated
+             for leaf in jax.tree.leaves(variables))
 
 
 def test_no_intact_checkpoint_is_one_line_naming_the_folder(stopped_run, tmp_path):
