@@ -297,11 +297,3 @@ def test_draem_loss_total_terms_jit_and_grad():
   assert np.all(np.isfinite(np.asarray(g_rec))) and np.all(np.isfinite(np.asarray(g_logits)))
   assert float(jnp.abs(g_rec).sum()) > 0 and float(jnp.abs(g_logits).sum()) > 0
 
-
-def test_full_size_shapes():
-  x = jax.ShapeDtypeStruct((8, 256, 256, 3), jnp.float32)
-  lg = jax.ShapeDtypeStruct((8, 256, 256, 2), jnp.float32)
-  m = jax.ShapeDtypeStruct((8, 256, 256, 1), jnp.float32)
-  assert jax.eval_shape(losses.ssim_map, x, x).shape == (8, 256, 256, 3)
-  total, terms = jax.eval_shape(losses.draem_loss, x, x, lg, m)
-  assert total.shape == () and all(t.shape == () and t.dtype == jnp.float32 for t in terms.values())

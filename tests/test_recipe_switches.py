@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from draem_jax import checkpointing
@@ -217,6 +216,10 @@ def _leaves(tree, name):
 
 
 def test_pytorch_default_init_matches_torchs_conv2d_formula():
+  if os.environ.get("DRAEM_REQUIRE_TORCH") == "1":
+    import torch  # CI's first interpreter: a failing import must fail the test
+  else:
+    torch = pytest.importorskip("torch", reason="torch (CPU) gives the reference initialisation")
   params = _leaves(_params("pytorch_default"), "kernel")
   biases = dict(_leaves(_params("pytorch_default"), "bias"))
   assert len(params) == 23 + 28
