@@ -25,26 +25,31 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run(nproc: int, per_process: int) -> dict:
-  port = _free_port()
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
-         "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+def _env(**extra) -> dict:
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
+         **extra}
   env.pop("XLA_FLAGS", None)
-  procs = [subprocess.Popen([sys.executable, str(WORKER), str(i), str(nproc), str(port),
-                             str(per_process)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=env, text=True) for i in range(nproc)]
-  outs = []
+  return env
+
+
+def _finish(procs) -> dict:
+  """Waits for the workers (each must exit 0) and returns process 0's last JSON line."""
   try:
-    for p in procs:
-      outs.append(p.communicate(timeout=480))  # three processes compile at once on 2 cores
+    outs = [p.communicate(timeout=480) for p in procs]  # three processes compile at once on 2 cores
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, f"worker failed (rc {p.returncode}):\n{err[-3000:]}"
-  line = [text for text in outs[0][0].splitlines() if text.startswith("{")][-1]
-  return json.loads(line)
+  return json.loads([text for text in outs[0][0].splitlines() if text.startswith("{")][-1])
+
+
+def _run(nproc: int, per_process: int) -> dict:
+  port, env = _free_port(), _env()
+  return _finish([subprocess.Popen([sys.executable, str(WORKER), str(i), str(nproc), str(port),
+                                    str(per_process)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   env=env, text=True) for i in range(nproc)])
 
 
 def test_two_processes_match_one_process():
@@ -68,24 +73,10 @@ def test_two_processes_match_one_process():
 def _train_procs(workdir, data_dir, cache_dir) -> list[subprocess.Popen]:
   port = _free_port()
   # A shared compilation cache: the rerun and the second run compile little (2 loaded cores).
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
-         "JAX_COMPILATION_CACHE_DIR": str(cache_dir), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-  env.pop("XLA_FLAGS", None)
+  env = _env(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   return [subprocess.Popen([sys.executable, str(TRAIN_WORKER), str(i), "2", str(port), str(workdir),
                             str(data_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
                            text=True) for i in range(2)]
-
-
-def _finish(procs) -> dict:
-  try:
-    outs = [p.communicate(timeout=480) for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, f"worker failed (rc {p.returncode}):\n{err[-3000:]}"
-  return json.loads([text for text in outs[0][0].splitlines() if text.startswith("{")][-1])
 
 
 def test_killed_process_stops_the_other_with_one_line_and_rerun_resumes_bit_identically(tmp_path):
