@@ -26,6 +26,7 @@ import os
 import re
 import signal
 import sys
+import traceback
 from typing import Any
 
 from absl import app
@@ -333,7 +334,20 @@ def run(config: ml_collections.ConfigDict, workdir) -> None:
       _exit(f"error: another process of this {jax.process_count()}-process run stopped "
             f"({writers.one_line(e)}); rerun every process with the same command to resume from the last "
             "checkpoint.", EXIT_PEER_LOST)
+    _exit_on_bug()
     raise
+  except Exception:  # a bug: the traceback is for the report
+    _exit_on_bug()
+    raise
+
+
+def _exit_on_bug() -> None:
+  """In a multi-process run, ends this process at once with the traceback of the exception being handled:
+  raised as usual, it would reach jax.distributed's shutdown barrier while the others wait in a collective
+  for this one, and every process would abort only after the 300 s shutdown timeout."""
+  if jax.process_count() > 1:
+    traceback.print_exc()
+    _exit("error: this process stopped on the unexpected error above; the others stop too.", 1)
 
 
 def peer_lost(e: BaseException) -> bool:

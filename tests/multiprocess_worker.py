@@ -10,6 +10,7 @@ replicated values).
 import json
 import os
 import sys
+import traceback
 
 os.environ["JAX_PLATFORMS"] = "cpu"
 
@@ -61,4 +62,11 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  try:
+    main()
+  except BaseException:
+    # At once: raised, the error would wait 300 s at jax.distributed's shutdown barrier for the other
+    # process, which waits in a collective for this one.
+    traceback.print_exc()
+    sys.stderr.flush()
+    os._exit(1)

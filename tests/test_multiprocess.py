@@ -4,6 +4,7 @@ killed process makes the other exit at once with one line, and rerunning both re
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
@@ -27,34 +28,67 @@ def _free_port() -> int:
 
 def _env(**extra) -> dict:
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
-         **extra}
+         "PYTHONFAULTHANDLER": "1", **extra}
   env.pop("XLA_FLAGS", None)
   return env
+
+
+def _spawn(args: list[str], env: dict, log_dir: pathlib.Path) -> subprocess.Popen:
+  """Starts one worker whose stdout and stderr go to files in ``log_dir``.
+
+  Files, not pipes: a worker blocks once its pipe holds 64 KiB, and pipes are read one process after the
+  other, so a chatty second process would stall before jax.distributed's shutdown barrier and the first
+  would abort there after 300 s (a CI failure seen with pipes).
+  """
+  log_dir.mkdir(parents=True, exist_ok=True)
+  name = f"{pathlib.Path(args[0]).stem}.{args[1]}"
+  with open(log_dir / f"{name}.out", "w") as out, open(log_dir / f"{name}.err", "w") as err:
+    proc = subprocess.Popen([sys.executable, *args], stdout=out, stderr=err, env=env, text=True)
+  proc.log = (log_dir / f"{name}.out", log_dir / f"{name}.err")
+  return proc
+
+
+def _read(proc) -> tuple[str, str]:
+  return tuple(path.read_text(errors="replace") for path in proc.log)
 
 
 def _finish(procs) -> dict:
   """Waits for the workers (each must exit 0) and returns process 0's last JSON line."""
   try:
-    outs = [p.communicate(timeout=480) for p in procs]  # three processes compile at once on 2 cores
+    deadline = time.monotonic() + 480  # three processes compile at once on 2 cores
+    for p in procs:
+      p.wait(timeout=max(1.0, deadline - time.monotonic()))
   finally:
     for p in procs:
       if p.poll() is None:
-        p.kill()
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, f"worker failed (rc {p.returncode}):\n{err[-3000:]}"
+        p.send_signal(signal.SIGABRT)  # faulthandler (PYTHONFAULTHANDLER) prints where it hung
+        try:
+          p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+          p.kill()
+          p.wait()
+  outs = [_read(p) for p in procs]
+  failed = [f"worker {i} (rc {p.returncode}):\n{_python_lines(err)[-4000:]}"
+            for i, (p, (_, err)) in enumerate(zip(procs, outs)) if p.returncode != 0]
+  assert not failed, "\n".join(failed)
   return json.loads([text for text in outs[0][0].splitlines() if text.startswith("{")][-1])
 
 
-def _run(nproc: int, per_process: int) -> dict:
-  port, env = _free_port(), _env()
-  return _finish([subprocess.Popen([sys.executable, str(WORKER), str(i), str(nproc), str(port),
-                                    str(per_process)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   env=env, text=True) for i in range(nproc)])
+def _python_lines(err: str) -> str:
+  """``err`` without the C++ stack frames of an abort, so the Python traceback above them shows."""
+  return "\n".join(line for line in err.splitlines() if not line.lstrip().startswith("@ "))
 
 
-def test_two_processes_match_one_process():
-  single = _run(1, 4)
-  multi = _run(2, 2)
+def _run(nproc: int, per_process: int, log_dir: pathlib.Path) -> dict:
+  # Its own compilation cache: nothing compiled by another run or interpreter is read here.
+  port, env = _free_port(), _env(JAX_COMPILATION_CACHE_DIR=str(log_dir / "cache"))
+  return _finish([_spawn([str(WORKER), str(i), str(nproc), str(port), str(per_process)], env,
+                         log_dir / f"{nproc}x{per_process}") for i in range(nproc)])
+
+
+def test_two_processes_match_one_process(tmp_path):
+  single = _run(1, 4, tmp_path)
+  multi = _run(2, 2, tmp_path)
   assert single["devices"] == multi["devices"] == 4
   assert multi["processes"] == 2
   # Step 1 sees the same batch, synthesis and parameters: equal to float32 rounding. A wrong share of
@@ -70,20 +104,19 @@ def test_two_processes_match_one_process():
   assert len(set(single["losses"])) == 3
 
 
-def _train_procs(workdir, data_dir, cache_dir) -> list[subprocess.Popen]:
+def _train_procs(workdir, data_dir, cache_dir, log_dir) -> list[subprocess.Popen]:
   port = _free_port()
   # A shared compilation cache: the rerun and the second run compile little (2 loaded cores).
   env = _env(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  return [subprocess.Popen([sys.executable, str(TRAIN_WORKER), str(i), "2", str(port), str(workdir),
-                            str(data_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                           text=True) for i in range(2)]
+  return [_spawn([str(TRAIN_WORKER), str(i), "2", str(port), str(workdir), str(data_dir)], env, log_dir)
+          for i in range(2)]
 
 
 def test_killed_process_stops_the_other_with_one_line_and_rerun_resumes_bit_identically(tmp_path):
   data_dir, cache = tmp_path / "data", tmp_path / "cache"
   demo.ensure_demo_dataset(str(data_dir), category="demo_fabric")  # once, not by two processes at a time
   workdir = tmp_path / "killed"
-  procs = _train_procs(workdir, data_dir, cache)
+  procs = _train_procs(workdir, data_dir, cache, tmp_path / "logs" / "killed")
   try:
     deadline = time.monotonic() + 480
     while not (workdir / "checkpoints" / "4").exists():
@@ -91,12 +124,14 @@ def test_killed_process_stops_the_other_with_one_line_and_rerun_resumes_bit_iden
       time.sleep(0.1)
     procs[1].kill()
     killed_at = time.monotonic()
-    _, err = procs[0].communicate(timeout=120)
+    procs[0].wait(timeout=120)
     waited = time.monotonic() - killed_at
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
+        p.wait()
+  _, err = _read(procs[0])
   # At once (a collective with the killed process fails), well before jax.distributed's heartbeat
   # timeout (100 s), whose C++ abort would print a stack trace instead.
   assert procs[0].returncode == train.EXIT_PEER_LOST, err[-3000:]
@@ -106,6 +141,8 @@ def test_killed_process_stops_the_other_with_one_line_and_rerun_resumes_bit_iden
   assert last.endswith("rerun every process with the same command to resume from the last checkpoint.")
   assert "Traceback" not in err and "Check failure" not in err, err[-3000:]
 
-  resumed = _finish(_train_procs(workdir, data_dir, cache))  # the same command again: resumes
-  reference = _finish(_train_procs(tmp_path / "uninterrupted", data_dir, cache))
+  # The same command again resumes.
+  resumed = _finish(_train_procs(workdir, data_dir, cache, tmp_path / "logs" / "resumed"))
+  reference = _finish(_train_procs(tmp_path / "uninterrupted", data_dir, cache,
+                                   tmp_path / "logs" / "reference"))
   assert resumed == reference and resumed["step"] == 40  # bit-identical variables

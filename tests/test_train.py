@@ -184,3 +184,29 @@ def test_cli_bad_inputs_give_clear_errors(tmp_path):
            f"--config.data_dir={tmp_path / 'nowhere'}")
   assert r.returncode != 0
   assert "nowhere" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_an_unexpected_error_in_a_multi_process_run_ends_the_process_at_once(monkeypatch, capsys):
+  # Raised as usual, it would wait 300 s at jax.distributed's shutdown barrier for processes that wait in a
+  # collective for this one: the process ends at once with the traceback and exit code 1 instead.
+  def buggy(config, workdir):
+    raise KeyError("a bug")
+
+  class Exited(Exception):
+    pass
+
+  def fake_exit(code):
+    raise Exited(code)
+
+  monkeypatch.setattr(train, "train_and_evaluate", buggy)
+  monkeypatch.setattr(train.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(train.os, "_exit", fake_exit)
+  with pytest.raises(Exited) as exited:
+    train.run(recipes.tiny(), "unused")
+  assert exited.value.args == (1,)
+  err = capsys.readouterr().err
+  assert "Traceback" in err and "KeyError: 'a bug'" in err
+  assert err.strip().splitlines()[-1].startswith("error: this process stopped on the unexpected error above")
+  monkeypatch.setattr(train.jax, "process_count", lambda: 1)  # one process: raised as usual
+  with pytest.raises(KeyError):
+    train.run(recipes.tiny(), "unused")
