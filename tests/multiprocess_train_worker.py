@@ -2,7 +2,7 @@
 
   python multiprocess_train_worker.py PROCESS_ID NUM_PROCESSES PORT WORKDIR DATA_DIR
 
-Trains the tiny recipe (40 steps, a checkpoint every 4) through ``train.run``, the program's runner, so
+Trains the tiny recipe (20 steps, a checkpoint every 4) through ``train.run``, the program's runner, so
 the exit codes and the one-line errors are the command's; then process 0 prints one JSON line with the
 final checkpoint's step and a digest of its variables (restored with the run's own topology).
 """
@@ -31,7 +31,7 @@ from draem_jax import train  # noqa: E402
 if __name__ == "__main__":
   config = recipes.tiny()
   config.data_dir = data_dir
-  config.num_epochs = 10  # 40 steps: the kill lands well before the end
+  config.num_epochs = 5  # 20 steps: the kill (after checkpoint 4) lands well before the end
   train.run(config, workdir)
   repl = parallel.replicated(parallel.make_mesh())
   _, variables, step = rundir.restore_model(workdir, rundir.load_config(workdir), sharding=repl)
