@@ -17,6 +17,7 @@ the newest intact one.
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any
 
@@ -68,12 +69,21 @@ def _no_replica_parallel_saving_on_cpu() -> None:
   """On CPU, orbax's replica-parallel saving only costs: it slices every replicated array into one piece
   per device, each an eagerly dispatched op (~2000 per save of a small DRAEM on 8 host devices, 5 s of a
   tiny test run's 6), to spread device-to-host copies that the CPU does not need. Orbax already turns it
-  off for GPUs (by ``JAX_PLATFORMS``); this turns it off where every device is a CPU. The handler is
-  orbax's global one for ``jax.Array``, so other checkpoints of the process save the same way; the files
-  written are the same either way."""
-  if all(d.platform == "cpu" for d in jax.devices()):
-    ocp.type_handlers.register_type_handler(
-        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+  off for GPUs (by ``JAX_PLATFORMS``); this turns it off where every device is a CPU, on a copy of orbax's
+  own global handler for ``jax.Array`` (a new handler would lose its array-metadata store, which keeps
+  typed PRNG keys typed). The files written are the same; other checkpoints of the process save the
+  same way. Where orbax's handler has no such switch, nothing changes."""
+  global _REPLICA_PARALLEL_CHECKED
+  if _REPLICA_PARALLEL_CHECKED or not all(d.platform == "cpu" for d in jax.devices()):
+    return
+  _REPLICA_PARALLEL_CHECKED = True
+  handler = copy.copy(ocp.type_handlers.get_type_handler(jax.Array))
+  if getattr(handler, "_use_replica_parallel", False):
+    handler._use_replica_parallel = False  # pylint: disable=protected-access
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+
+
+_REPLICA_PARALLEL_CHECKED = False
 
 
 def all_steps(workdir) -> list[int]:
@@ -101,8 +111,8 @@ def save(mngr: ocp.CheckpointManager, step: int, model: Any, train: Any | None =
   return mngr.save(step, args=ocp.args.Composite(**items), force=True)
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, abstract_model: Any,
-            abstract_train: Any | None = None) -> tuple[Any, Any | None]:
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_model: Any, abstract_train: Any | None = None,
+            abstract_ema: Any | None = None) -> tuple[Any, Any | None, Any | None]:
   """Restores the items of ``step`` into the structure (and shardings) of the abstract trees.
 
   Args:
@@ -110,15 +120,15 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_model: Any,
     step: which checkpoint.
     abstract_model: a tree of ``jax.ShapeDtypeStruct`` (with shardings) or arrays for the model item.
     abstract_train: the same for the train item, or None to skip it (evaluation, prediction).
+    abstract_ema: the same (model-shaped) for the EMA item, or None to skip it.
 
   Returns:
-    ``(model, train)``; ``train`` is None when not requested.
+    ``(model, train, ema)``; an item not requested is None.
   """
-  items = {"model": ocp.args.StandardRestore(abstract_model)}
-  if abstract_train is not None:
-    items["train"] = ocp.args.StandardRestore(abstract_train)
-  restored = mngr.restore(step, args=ocp.args.Composite(**items))
-  return restored["model"], (restored["train"] if abstract_train is not None else None)
+  wanted = {"model": abstract_model, "train": abstract_train, EMA_ITEM: abstract_ema}
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      **{name: ocp.args.StandardRestore(tree) for name, tree in wanted.items() if tree is not None}))
+  return tuple(restored[name] if tree is not None else None for name, tree in wanted.items())
 
 
 def has_train_state(workdir, step: int) -> bool:
@@ -132,7 +142,7 @@ def has_ema(workdir, step: int) -> bool:
 
 
 def restore_ema(workdir, step: int, abstract_model: Any) -> Any:
-  """The EMA variables ``{"params", "batch_stats"}`` of checkpoint ``step`` (model-shaped).
+  """The EMA variables ``{"params", "batch_stats"}`` of checkpoint ``step`` (model-shaped), for evaluation.
 
   Raises:
     NoCheckpointError: the checkpoint has no EMA item or it cannot be read (one line).
@@ -173,20 +183,23 @@ def _is_layout_error(e: BaseException) -> bool:
 
 
 def restore_intact(workdir, abstract_model: Any, abstract_train: Any | None = None,
-                   step: int | None = None) -> tuple[int, Any, Any | None]:
+                   step: int | None = None, abstract_ema: Any | None = None
+                   ) -> tuple[int, Any, Any | None, Any | None]:
   """Restores the newest intact checkpoint (or exactly ``step``).
 
-  A checkpoint that fails to restore (missing or truncated files, empty or corrupt metadata, an empty
-  step folder) is set aside with a warning and the next older one is tried.
+  A checkpoint that fails to restore any requested item (missing or truncated files, empty or corrupt
+  metadata, an empty step folder, a missing item) is set aside with a warning and the next older one is
+  tried.
 
   Args:
     workdir: the run's work directory.
     abstract_model: abstract tree (with shardings) of the model item.
     abstract_train: the same for the train item, or None for model-only restores.
     step: a specific checkpoint; then a damaged one raises instead of falling back.
+    abstract_ema: the same (model-shaped) for the EMA item, or None (runs without EMA, evaluation).
 
   Returns:
-    ``(step, model, train)``.
+    ``(step, model, train, ema)``; ``train`` and ``ema`` are None when not requested.
 
   Raises:
     NoCheckpointError: no checkpoint, or none intact; the message names the folder.
@@ -211,8 +224,7 @@ def restore_intact(workdir, abstract_model: Any, abstract_train: Any | None = No
           "it can be evaluated but not trained further. Use another --workdir.")
     try:
       with manager(workdir, read_only=True) as mngr:
-        model, train = restore(mngr, s, abstract_model, abstract_train)
-      return s, model, train
+        return (s, *restore(mngr, s, abstract_model, abstract_train, abstract_ema))
     except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many kinds)
       if _is_layout_error(e):
         # Intact files that do not fit this process's devices: not damage, so nothing is set aside.

@@ -209,7 +209,7 @@ def restore_model(workdir, config, step: int | None = None, sharding=None):
     # the layout the run was saved with, whose devices (e.g. another process's) need not exist here.
     sharding = parallel.replicated(parallel.make_mesh())
   abstract = abstract_variables(model, config.image_size, sharding)
-  step, variables, _ = checkpointing.restore_intact(path(workdir), abstract, step=step)
+  step, variables, _, _ = checkpointing.restore_intact(path(workdir), abstract, step=step)
   return model, variables, step
 
 

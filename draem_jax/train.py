@@ -208,21 +208,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
   seed_key = jax.jit(jax.random.key, out_shardings=repl)(config.seed)
   if status == "resume":
     abstract = jax.eval_shape(init_fn, seed_key)
-    try:
-      start, model_vars, train_item = checkpointing.restore_intact(
+    try:  # a checkpoint whose EMA item is damaged falls back like one with a damaged model
+      start, model_vars, train_item, ema_vars = checkpointing.restore_intact(
           workdir, checkpointing.abstract_like(abstract.model_variables()),
-          checkpointing.abstract_like(abstract.train_item()))
+          checkpointing.abstract_like(abstract.train_item()),
+          abstract_ema=checkpointing.abstract_like(abstract.ema_variables()) if ema_decay > 0 else None)
     except checkpointing.NoCheckpointError as e:
       raise TrainingError(str(e)) from None
-    ema_params = None
-    if ema_decay > 0:
-      try:
-        ema_params = checkpointing.restore_ema(
-            workdir, start, checkpointing.abstract_like(abstract.ema_variables()))["params"]
-      except checkpointing.NoCheckpointError as e:
-        raise TrainingError(str(e)) from None
     state = steps.TrainState(params=model_vars["params"], batch_stats=model_vars["batch_stats"],
-                             ema_params=ema_params, **train_item)
+                             ema_params=ema_vars["params"] if ema_vars is not None else None,
+                             **train_item)
     logging.info("Resumed from step %d of %d.", start, total_steps)
   else:
     state, start = init_fn(seed_key), 0

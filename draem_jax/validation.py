@@ -337,7 +337,7 @@ def restore_selected(workdir, config, step: int | None = None, sharding=None):
     from draem_jax import steps  # pylint: disable=g-import-not-at-top
     model = steps.build_model(config)
     abstract = rundir.abstract_variables(model, config.image_size, sharding)
-    step, variables, _ = checkpointing.restore_intact(rundir.path(workdir) / BEST_DIR, abstract)
+    step, variables, _, _ = checkpointing.restore_intact(rundir.path(workdir) / BEST_DIR, abstract)
     return model, variables, step, "best"
   model, variables, step = rundir.restore_model(workdir, config, sharding=sharding)
   return model, variables, step, "last"

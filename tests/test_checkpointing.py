@@ -44,7 +44,7 @@ def test_round_trip_is_bit_equal_with_typed_key_and_int32_step(tmp_path):
     mngr.wait_until_finished()
   assert checkpointing.latest_step(tmp_path) == 10 and checkpointing.has_train_state(tmp_path, 10)
   with checkpointing.manager(tmp_path, read_only=True) as mngr:
-    got_model, got_train = checkpointing.restore(mngr, 10, checkpointing.abstract_like(model),
+    got_model, got_train, _ = checkpointing.restore(mngr, 10, checkpointing.abstract_like(model),
                                                  checkpointing.abstract_like(train))
   _assert_bit_equal(got_model, model)
   _assert_bit_equal(got_train, train)
@@ -63,9 +63,30 @@ def test_restore_into_a_sharding_and_model_only(tmp_path):
   assert not checkpointing.has_train_state(tmp_path, 2)
   repl = parallel.replicated(parallel.make_mesh())
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), model)
-  step, got, got_train = checkpointing.restore_intact(tmp_path, abstract)
+  step, got, got_train, _ = checkpointing.restore_intact(tmp_path, abstract)
   assert step == 2 and got_train is None
   _assert_bit_equal(got, model)
   assert all(leaf.sharding == repl and len(leaf.sharding.device_set) == 8 for leaf in jax.tree.leaves(got))
   with pytest.raises(checkpointing.NoCheckpointError, match="model-only weights"):
     checkpointing.restore_intact(tmp_path, abstract, checkpointing.abstract_like(train))
+
+
+def test_a_damaged_ema_item_falls_back_when_resuming_and_is_ignored_when_not_asked_for(tmp_path):
+  model, train = _trees()
+  ema = jax.tree.map(lambda x: x + 1 if jnp.issubdtype(x.dtype, jnp.floating) else x, model)
+  with checkpointing.manager(tmp_path, keep=None) as mngr:
+    checkpointing.save(mngr, 1, model, train, ema)
+    checkpointing.save(mngr, 2, model, train, ema)
+    mngr.wait_until_finished()
+  # Evaluation (no EMA asked for) uses step 2 whatever its EMA item holds; resuming needs all three.
+  (tmp_path / "checkpoints" / "2" / checkpointing.EMA_ITEM / "_METADATA").write_text("")
+  step, _, _, none = checkpointing.restore_intact(tmp_path, checkpointing.abstract_like(model))
+  assert step == 2 and none is None
+  step, got_model, got_train, got_ema = checkpointing.restore_intact(
+      tmp_path, checkpointing.abstract_like(model), checkpointing.abstract_like(train),
+      abstract_ema=checkpointing.abstract_like(ema))
+  assert step == 1
+  _assert_bit_equal(got_ema, ema)
+  _assert_bit_equal(got_train, train)
+  assert checkpointing.all_steps(tmp_path) == [1]
+  assert [p.name.split(".")[0] for p in (tmp_path / checkpointing.DAMAGED_DIR).iterdir()] == ["2"]

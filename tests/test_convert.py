@@ -388,7 +388,7 @@ def test_cli_end_to_end(small_files, tmp_path):
 
   expected = convert.state_dicts_to_variables(*_numpy_sds(small_files))
   with checkpointing.manager(str(workdir), read_only=True) as mngr:
-    restored, _ = checkpointing.restore(mngr, 800 * 27, convert.abstract_variables(*SMALL))
+    restored, _, _ = checkpointing.restore(mngr, 800 * 27, convert.abstract_variables(*SMALL))
   assert jax.tree.structure(restored) == jax.tree.structure(expected)
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(expected)):
     np.testing.assert_array_equal(np.asarray(a), b)
