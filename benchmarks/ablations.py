@@ -40,6 +40,11 @@ def _set(**fields) -> Callable:
   return apply
 
 
+def _fast_and(c, **fields) -> None:
+  recipes._fast(c)  # pylint: disable=protected-access  (the variant's own switches)
+  _set(**fields)(c)
+
+
 # name -> what it changes relative to the original recipe (docs/recipe.md).
 ABLATIONS: dict[str, Callable] = {
     "original": _set(),
@@ -54,6 +59,10 @@ ABLATIONS: dict[str, Callable] = {
     "texture_paper": _set(synthesis__texture_weight_range=(0.1, 1.0)),
     "lr_3e-4": _set(learning_rate=3e-4),
     "fast": lambda c: recipes._fast(c),  # pylint: disable=protected-access  (the variant's own switches)
+    # Candidates for the variant: fast with the normal images not rotated at all (as anomalib), and
+    # with a learning rate for the short budget.
+    "fast_rotate_off": lambda c: _fast_and(c, synthesis__rotate_prob=0.0),
+    "fast_rotate_off_lr_3e-4": lambda c: _fast_and(c, synthesis__rotate_prob=0.0, learning_rate=3e-4),
 }
 
 

@@ -125,3 +125,40 @@ def test_cli_refuses_to_overwrite(tmp_path, monkeypatch):
   with pytest.raises(SystemExit, match="exists; pass --overwrite"):
     run.main(["run"])
   assert existing.read_text() == "{}"
+
+
+def _flat(c) -> dict:
+  out = {}
+  for k, v in c.items():
+    if hasattr(v, "items"):
+      out.update({f"{k}.{kk}": vv for kk, vv in _flat(v).items()})
+    else:
+      out[k] = v
+  return out
+
+
+def test_each_ablation_changes_only_what_its_name_says(tmp_path):
+  from benchmarks import ablations
+  category = tmp_path / "cat" / "train" / "good"
+  category.mkdir(parents=True)
+  for i in range(32):  # PIPED's training split: 4 steps per epoch at batch 8
+    (category / f"{i}.png").touch()
+  args = type("Args", (), dict(data_dir=str(tmp_path), textures="dtd", size=64, widths=(32, 16), batch=8,
+                               steps=100, ema_decay=0.0))
+
+  def diff(name):
+    base = _flat(ablations.make_config("original", "cat", 0, args)[0])
+    mine = _flat(ablations.make_config(name, "cat", 0, args)[0])
+    assert mine.keys() == base.keys()
+    return {k: mine[k] for k in mine if mine[k] != base[k]}
+
+  config, steps = ablations.make_config("original", "cat", 1, args)
+  assert (config.seed, config.image_size, config.batch_size, steps) == (1, 64, 8, 100)
+  fast = {"source_resize": "antialias", "synthesis.empty_mask": "retry", "synthesis.rotate_fill": "edge",
+          "model.init": "pytorch_default"}
+  assert diff("fast") == fast
+  assert diff("rotate_off") == {"synthesis.rotate_prob": 0.0}
+  assert diff("fast_rotate_off") == {**fast, "synthesis.rotate_prob": 0.0}
+  assert diff("fast_rotate_off_lr_3e-4") == {**fast, "synthesis.rotate_prob": 0.0, "learning_rate": 3e-4}
+  for name in ablations.ABLATIONS:
+    assert name == "original" or diff(name), name
