@@ -289,10 +289,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
     # Let an in-flight (async) save complete even when training failed: it holds a checked state. Not
     # when another process is gone: the save waits at a barrier for it, which only jax.distributed's
     # heartbeat timeout ends, with a C++ abort.
-    if not lost:
-      mngr.wait_until_finished()
-      mngr.close()
-    writer.close()
+    try:
+      if not lost:
+        mngr.wait_until_finished()
+        mngr.close()
+    finally:
+      writer.close()  # also when the save failed (a full disk): no writer thread outlives the run
   if stop and step < total_steps:
     raise StoppedEarly(
         f"stopped at step {step} of {total_steps} with a checkpoint (SIGTERM or config.stop_after_steps); "

@@ -92,9 +92,15 @@ class MetricWriter:
       self._tb.flush()
 
   def close(self) -> None:
+    """Closes the TensorBoard file; a failure to flush it (a full disk) is a warning, so that it never
+    hides the error that ended the run."""
     if self._tb is not None:
-      self._tb.close()
-      self._tb = None
+      tb, self._tb = self._tb, None
+      try:
+        tb.close()
+      except OSError as e:
+        logging.warning("TensorBoard events not flushed (%s): metrics.jsonl has every row written.",
+                        one_line(e))
 
 
 class Progress:
