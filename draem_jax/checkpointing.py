@@ -17,7 +17,9 @@ the newest intact one.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging as std_logging
 import time
 from typing import Any
 
@@ -61,8 +63,9 @@ def manager(workdir, *, keep: int | None = 3, async_save: bool = True,
       read_only=read_only,
       create=not read_only,
   )
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                               item_names=("model", "train", EMA_ITEM))
+  with _quiet(_READ_ONLY_WARNING):  # read-only is what evaluation and prediction ask for
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                                 item_names=("model", "train", EMA_ITEM))
 
 
 def _no_replica_parallel_saving_on_cpu() -> None:
@@ -80,18 +83,42 @@ def _no_replica_parallel_saving_on_cpu() -> None:
   handler = copy.copy(ocp.type_handlers.get_type_handler(jax.Array))
   if getattr(handler, "_use_replica_parallel", False):
     handler._use_replica_parallel = False  # pylint: disable=protected-access
-    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    with _quiet(_OVERRIDE_WARNING):
+      ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
 
 
 _REPLICA_PARALLEL_CHECKED = False
+# orbax's warnings for what this module does on purpose (their format strings).
+_OVERRIDE_WARNING = 'Type handler registry type "%s" overriding %s'
+_READ_ONLY_WARNING = "Given directory is read only=%s"
+
+
+class _Drop(std_logging.Filter):
+  def __init__(self, message: str):
+    super().__init__()
+    self._message = message
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.msg != self._message
+
+
+@contextlib.contextmanager
+def _quiet(message: str):
+  """Drops orbax's log record with format ``message`` meanwhile (it logs through absl's logger)."""
+  drop = _Drop(message)
+  logger = logging.get_absl_logger()
+  logger.addFilter(drop)
+  try:
+    yield
+  finally:
+    logger.removeFilter(drop)
 
 
 def all_steps(workdir) -> list[int]:
   """Every checkpoint step on disk, oldest first (intact or not)."""
   if not checkpoint_dir(workdir).is_dir():
     return []
-  with manager(workdir, read_only=True) as mngr:
-    return sorted(int(s) for s in mngr.all_steps())
+  return sorted(ocp.utils.checkpoint_steps(checkpoint_dir(workdir)))  # finalized steps, no manager
 
 
 def latest_step(workdir) -> int | None:
