@@ -221,7 +221,11 @@ def _ema_metrics(workdir, config, model, step: int, test) -> dict[str, float]:
   decay = float(config.ema_decay)
   if decay <= 0 or not checkpointing.has_ema(workdir, step):
     return {}
-  ema_vars = checkpointing.restore_ema(workdir, step, rundir.abstract_variables(model, config.image_size))
+  try:
+    ema_vars = checkpointing.restore_ema(workdir, step, rundir.abstract_variables(model, config.image_size))
+  except checkpointing.NoCheckpointError as e:  # the raw weights' evaluation stands on its own
+    logging.warning("no EMA metrics: %s", e)
+    return {}
   maps, scores = validation.make_predict(inference.Inferencer(model, ema_vars, config), config)(test.images)
   free = metrics_lib.compute_all(image_labels=test.labels, image_scores=scores, masks=test.masks,
                                  anomaly_maps=maps, fpr_limit=config.eval.aupro_fpr_limit)

@@ -7,6 +7,7 @@ import functools
 import json
 import math
 import os
+import shutil
 
 import flax.linen as nn
 import jax
@@ -17,6 +18,7 @@ from PIL import Image
 
 from draem_jax import checkpointing
 from draem_jax import conv as conv_lib
+from draem_jax import evaluate
 from draem_jax import geometry
 from draem_jax import models
 from draem_jax import noise
@@ -350,6 +352,17 @@ def test_ema_survives_resume_bit_identically_and_is_evaluated(ema_runs):
     assert {"ema_image_auroc", "ema_aupro", "image_auroc", "pixel_ap"} <= set(r)
   assert results["A"]["ema_pixel_ap"] == results["B"]["ema_pixel_ap"]
   assert "EMA weights (decay 0.5)" in (root / "A" / "eval" / "metrics.md").read_text()
+
+
+def test_unreadable_ema_weights_leave_the_evaluation_without_ema_metrics(ema_runs, tmp_path, caplog):
+  root = ema_runs[0]
+  run = tmp_path / "A"
+  shutil.copytree(root / "A", run, ignore=shutil.ignore_patterns("eval*"))
+  (run / "checkpoints" / "4" / checkpointing.EMA_ITEM / "_METADATA").write_text("")
+  results = evaluate.evaluate_workdir(str(run))
+  assert results["step"] == 4 and results["image_auroc"] == ema_runs[1]["A"]["image_auroc"]
+  assert not [k for k in results if k.startswith("ema_")]
+  assert "no EMA metrics: EMA weights of" in caplog.text
 
 
 def test_default_run_writes_no_ema(ema_runs):
