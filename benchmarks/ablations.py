@@ -7,7 +7,9 @@ Each (ablation, category, seed) is one ``train.train_and_evaluate`` of ``recipes
 ``--size`` px, widths ``--widths``, batch ``--batch``, constant learning rate 1e-4, ``--steps`` steps
 (rounded up to whole epochs), no held-out images (everything trains, as anomalib's side), then the test
 split's image AUROC, pixel AP and AUPRO. ``--ema_decay`` adds the EMA weights' metrics to every run (the
-EMA does not change the raw training, so the raw metrics stay the ablation's own). One run at a time.
+EMA does not change the raw training, so the raw metrics stay the ablation's own). ``anomalib`` as an
+ablation trains anomalib's DRAEM on the same images, steps, widths and learning rate and scores it with
+the same metric code (run it with the ``bench`` extra's environment). One run at a time.
 Rows are appended to ``OUT/runs.jsonl`` as they finish (an interrupted sweep continues where it
 stopped) and ``OUT/table.md`` is rewritten after each: per ablation the mean over categories of each
 seed, then mean and spread (sample std) over seeds, and the mean wall time per run with the 1-minute
@@ -63,6 +65,10 @@ ABLATIONS: dict[str, Callable] = {
     # with a learning rate for the short budget.
     "fast_rotate_off": lambda c: _fast_and(c, synthesis__rotate_prob=0.0),
     "fast_rotate_off_lr_3e-4": lambda c: _fast_and(c, synthesis__rotate_prob=0.0, learning_rate=3e-4),
+    # Each of fast's other switches on top of rotation off: which of them helps or hurts without it.
+    "rotate_off_antialias": _set(synthesis__rotate_prob=0.0, source_resize="antialias"),
+    "rotate_off_retry": _set(synthesis__rotate_prob=0.0, synthesis__empty_mask="retry"),
+    "rotate_off_init_pytorch": _set(synthesis__rotate_prob=0.0, model__init="pytorch_default"),
 }
 
 
@@ -95,13 +101,45 @@ def _load1() -> float:
   return os.getloadavg()[0]
 
 
+def run_anomalib(c, total: int, seed: int) -> dict:
+  """anomalib's side on the same data, steps, widths and metric code (the ``bench`` extra's environment):
+  its generator, DraemModel, DraemLoss and Adam (``benchmarks.anomalib_side``), batches drawn with
+  replacement-free picks from a seeded generator, image score = max of its anomaly map (anomalib's)."""
+  from benchmarks import anomalib_side  # pylint: disable=g-import-not-at-top
+  from draem_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  from draem_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  a = anomalib_side.load(True, threads=os.cpu_count() or 1)
+  if not a.available:
+    raise SystemExit(f"error: {a.reason}")
+  a.torch.manual_seed(seed)
+  images = datasets.load_split(c, "", "train").images
+  test = datasets.load_test_split(c, "")
+  model, step = a.trainer(c.model.recon_width, c.model.disc_width, c.anomaly_source_path, c.learning_rate)
+  rng = np.random.default_rng(seed)
+  for _ in range(total):
+    step(a.to_torch(images[rng.choice(len(images), c.batch_size, replace=len(images) < c.batch_size)]))
+  model.eval()
+  maps, scores = [], []
+  with a.torch.inference_mode():
+    for s in range(0, len(test.images), c.batch_size):
+      out = model(a.to_torch(test.images[s:s + c.batch_size]))
+      maps.append(out.anomaly_map.reshape(-1, *test.images.shape[1:3]).numpy())
+      scores.append(out.pred_score.reshape(-1).numpy())
+  return metrics_lib.compute_all(image_labels=test.labels, image_scores=np.concatenate(scores),
+                                 masks=test.masks, anomaly_maps=np.concatenate(maps),
+                                 fpr_limit=c.eval.aupro_fpr_limit)
+
+
 def run_one(ablation: str, category: str, seed: int, args) -> dict:
   from draem_jax import train  # pylint: disable=g-import-not-at-top  (JAX set up after the flags)
-  c, total = make_config(ablation, category, seed, args)
+  c, total = make_config("original" if ablation == "anomalib" else ablation, category, seed, args)
   load_before = _load1()
   t0 = time.perf_counter()
-  with tempfile.TemporaryDirectory(prefix="draem_ablation_") as workdir:
-    results = train.train_and_evaluate(c, workdir)
+  if ablation == "anomalib":
+    results = run_anomalib(c, total, seed)
+  else:
+    with tempfile.TemporaryDirectory(prefix="draem_ablation_") as workdir:
+      results = train.train_and_evaluate(c, workdir)
   row = {"ablation": ablation, "category": category, "seed": seed, "steps": total,
          "wall_s": time.perf_counter() - t0, "load_before": load_before, "load_after": _load1(),
          **{k: results[k] for k in KEYS}}
@@ -143,7 +181,9 @@ def main() -> None:
   p.add_argument("--textures", required=True, help="anomaly-source folder (e.g. DTD images)")
   p.add_argument("--out", required=True, help="folder for runs.jsonl and table.md")
   p.add_argument("--categories", default="", help="comma-separated; default: every category folder")
-  p.add_argument("--ablations", default=",".join(ABLATIONS), help=f"comma-separated of {list(ABLATIONS)}")
+  p.add_argument("--ablations", default=",".join(ABLATIONS),
+                 help=f"comma-separated of {list(ABLATIONS)}, or anomalib (its side, in the bench extra's "
+                      "environment)")
   p.add_argument("--seeds", default="0,1")
   p.add_argument("--steps", type=int, default=100)
   p.add_argument("--size", type=int, default=64)
@@ -156,7 +196,7 @@ def main() -> None:
   args = p.parse_args()
   args.widths = tuple(int(w) for w in args.widths.split(","))
   ablations = [a for a in args.ablations.split(",") if a]
-  unknown = set(ablations) - set(ABLATIONS)
+  unknown = set(ablations) - set(ABLATIONS) - {"anomalib"}
   if unknown:
     raise SystemExit(f"unknown ablation(s) {sorted(unknown)}; known: {list(ABLATIONS)}")
   categories = [c for c in args.categories.split(",") if c] or sorted(
