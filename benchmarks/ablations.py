@@ -42,9 +42,9 @@ def _set(**fields) -> Callable:
   return apply
 
 
-def _fast_and(c, **fields) -> None:
-  recipes._fast(c)  # pylint: disable=protected-access  (the variant's own switches)
-  _set(**fields)(c)
+_FAST_V1_FIELDS = dict(source_resize="antialias", synthesis__empty_mask="retry",
+                       synthesis__rotate_fill="edge", model__init="pytorch_default")
+_FAST_V1 = _set(**_FAST_V1_FIELDS)
 
 
 # name -> what it changes relative to the original recipe (docs/recipe.md).
@@ -61,10 +61,9 @@ ABLATIONS: dict[str, Callable] = {
     "texture_paper": _set(synthesis__texture_weight_range=(0.1, 1.0)),
     "lr_3e-4": _set(learning_rate=3e-4),
     "fast": lambda c: recipes._fast(c),  # pylint: disable=protected-access  (the variant's own switches)
-    # Candidates for the variant: fast with the normal images not rotated at all (as anomalib), and
-    # with a learning rate for the short budget.
-    "fast_rotate_off": lambda c: _fast_and(c, synthesis__rotate_prob=0.0),
-    "fast_rotate_off_lr_3e-4": lambda c: _fast_and(c, synthesis__rotate_prob=0.0, learning_rate=3e-4),
+    # The first definition of fast (antialias, retry, edge fill, PyTorch init), and it without rotation.
+    "fast_v1": _FAST_V1,
+    "fast_v1_rotate_off": _set(**_FAST_V1_FIELDS, synthesis__rotate_prob=0.0),
     # Each of fast's other switches on top of rotation off: which of them helps or hurts without it.
     "rotate_off_antialias": _set(synthesis__rotate_prob=0.0, source_resize="antialias"),
     "rotate_off_retry": _set(synthesis__rotate_prob=0.0, synthesis__empty_mask="retry"),

@@ -384,6 +384,16 @@ def test_default_run_writes_no_ema(ema_runs):
 # 6. Config fields, validation, the fast variant, resuming runs recorded before the switches.
 # ----------------------------------------------------------------------------------------------------
 
+def _flat(config, prefix="") -> dict:
+  out = {}
+  for k, v in config.items():
+    if hasattr(v, "items"):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
 def _field(config, name):
   for part in name.split("."):
     config = config[part]
@@ -394,11 +404,14 @@ def test_recipe_defaults_are_the_original_and_fast_turns_the_switches_on():
   base, fast = recipes.from_argument("bottle"), recipes.from_argument("bottle,fast")
   for name, default in recipes.SWITCH_DEFAULTS.items():
     assert _field(base, name) == default, name
-  assert fast.source_resize == "antialias" and fast.model.init == "pytorch_default"
-  assert fast.synthesis.empty_mask == "retry" and fast.synthesis.rotate_fill == "edge"
+  assert fast.synthesis.rotate_prob == 0.0 and fast.synthesis.empty_mask == "retry"
+  changed = {k for k, v in _flat(fast).items() if v != _flat(base)[k]}
+  assert changed == {"synthesis.rotate_prob", "synthesis.empty_mask"}
   recipes.validate(fast)
   paper_fast = recipes.from_argument("bottle,paper,fast")
-  assert paper_fast.synthesis.rotate_degrees == 45.0 and paper_fast.synthesis.empty_mask == "retry"
+  assert paper_fast.synthesis.rotate_prob == 0.0 and paper_fast.synthesis.empty_mask == "retry"
+  paper = _flat(recipes.from_argument("bottle,paper"))
+  assert {k for k, v in _flat(paper_fast).items() if v != paper[k]} == changed
   assert recipes.synthesis_config(base) == synthesis.SynthesisConfig()
   with pytest.raises(ValueError, match="known: paper, fast"):
     recipes.from_argument("bottle,faster")
