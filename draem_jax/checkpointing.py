@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging as std_logging
 import time
 from typing import Any
@@ -68,6 +69,7 @@ def manager(workdir, *, keep: int | None = 3, async_save: bool = True,
                                  item_names=("model", "train", EMA_ITEM))
 
 
+@functools.cache  # once per process
 def _no_replica_parallel_saving_on_cpu() -> None:
   """On CPU, orbax's replica-parallel saving only costs: it slices every replicated array into one piece
   per device, each an eagerly dispatched op (~2000 per save of a small DRAEM on 8 host devices, 5 s of a
@@ -76,10 +78,8 @@ def _no_replica_parallel_saving_on_cpu() -> None:
   own global handler for ``jax.Array`` (a new handler would lose its array-metadata store, which keeps
   typed PRNG keys typed). The files written are the same; other checkpoints of the process save the
   same way. Where orbax's handler has no such switch, nothing changes."""
-  global _REPLICA_PARALLEL_CHECKED
-  if _REPLICA_PARALLEL_CHECKED or not all(d.platform == "cpu" for d in jax.devices()):
+  if not all(d.platform == "cpu" for d in jax.devices()):
     return
-  _REPLICA_PARALLEL_CHECKED = True
   handler = copy.copy(ocp.type_handlers.get_type_handler(jax.Array))
   if getattr(handler, "_use_replica_parallel", False):
     handler._use_replica_parallel = False  # pylint: disable=protected-access
@@ -87,7 +87,6 @@ def _no_replica_parallel_saving_on_cpu() -> None:
       ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
 
 
-_REPLICA_PARALLEL_CHECKED = False
 # orbax's warnings for what this module does on purpose (their format strings).
 _OVERRIDE_WARNING = 'Type handler registry type "%s" overriding %s'
 _READ_ONLY_WARNING = "Given directory is read only=%s"
@@ -138,14 +137,16 @@ def save(mngr: ocp.CheckpointManager, step: int, model: Any, train: Any | None =
   return mngr.save(step, args=ocp.args.Composite(**items), force=True)
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, abstract_model: Any, abstract_train: Any | None = None,
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_model: Any | None,
+            abstract_train: Any | None = None,
             abstract_ema: Any | None = None) -> tuple[Any, Any | None, Any | None]:
   """Restores the items of ``step`` into the structure (and shardings) of the abstract trees.
 
   Args:
     mngr: the manager.
     step: which checkpoint.
-    abstract_model: a tree of ``jax.ShapeDtypeStruct`` (with shardings) or arrays for the model item.
+    abstract_model: a tree of ``jax.ShapeDtypeStruct`` (with shardings) or arrays for the model item, or
+      None to skip it (the EMA weights alone).
     abstract_train: the same for the train item, or None to skip it (evaluation, prediction).
     abstract_ema: the same (model-shaped) for the EMA item, or None to skip it.
 
@@ -180,11 +181,9 @@ def restore_ema(workdir, step: int, abstract_model: Any) -> Any:
                             "config.ema_decay=0, or by an older version.")
   try:
     with manager(workdir, read_only=True) as mngr:
-      restored = mngr.restore(step, args=ocp.args.Composite(
-          **{EMA_ITEM: ocp.args.StandardRestore(abstract_model)}))
+      return restore(mngr, step, None, abstract_ema=abstract_model)[2]
   except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many kinds)
     raise NoCheckpointError(f"EMA weights of {folder} cannot be restored ({_one_line(e)}).") from None
-  return restored[EMA_ITEM]
 
 
 def set_aside_damaged(workdir, step: int, reason: str) -> epath.Path:

@@ -326,15 +326,12 @@ def run(config: ml_collections.ConfigDict, workdir) -> None:
     raise SystemExit(EXIT_STOPPED_EARLY) from None
   except (TrainingError, ValueError, OSError) as e:
     _exit(f"error: {writers.one_line(e)}", 1)
-  except jax.errors.JaxRuntimeError as e:
+  except Exception as e:
     if peer_lost(e):
       _exit(f"error: another process of this {jax.process_count()}-process run stopped "
             f"({writers.one_line(e)}); rerun every process with the same command to resume from the last "
             "checkpoint.", EXIT_PEER_LOST)
-    _exit_on_bug()
-    raise
-  except Exception:  # a bug: the traceback is for the report
-    _exit_on_bug()
+    _exit_on_bug()  # a bug: the traceback is for the report
     raise
 
 

@@ -38,7 +38,7 @@ def _spawn(args: list[str], env: dict, log_dir: pathlib.Path) -> subprocess.Pope
 
   Files, not pipes: a worker blocks once its pipe holds 64 KiB, and pipes are read one process after the
   other, so a chatty second process would stall before jax.distributed's shutdown barrier and the first
-  would abort there after 300 s (a CI failure seen with pipes).
+  would abort there after 300 s (one possible cause of a CI failure that showed that abort).
   """
   log_dir.mkdir(parents=True, exist_ok=True)
   name = f"{pathlib.Path(args[0]).stem}.{args[1]}"
