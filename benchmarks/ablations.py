@@ -100,42 +100,170 @@ def _load1() -> float:
   return os.getloadavg()[0]
 
 
-def run_anomalib(c, total: int, seed: int) -> dict:
-  """anomalib's side on the same data, steps, widths and metric code (the ``bench`` extra's environment):
-  its generator, DraemModel, DraemLoss and Adam (``benchmarks.anomalib_side``), batches drawn with
-  replacement-free picks from a seeded generator, image score = max of its anomaly map (anomalib's)."""
-  from benchmarks import anomalib_side  # pylint: disable=g-import-not-at-top
+def _test_metrics(c, predict) -> dict:
+  """The test split's metrics for ``predict(uint8 NHWC batch) -> (maps (N, H, W), scores (N,))``."""
   from draem_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   from draem_jax.data import datasets  # pylint: disable=g-import-not-at-top
-  a = anomalib_side.load(True, threads=os.cpu_count() or 1)
-  if not a.available:
-    raise SystemExit(f"error: {a.reason}")
-  a.torch.manual_seed(seed)
-  images = datasets.load_split(c, "", "train").images
   test = datasets.load_test_split(c, "")
-  model, step = a.trainer(c.model.recon_width, c.model.disc_width, c.anomaly_source_path, c.learning_rate)
-  rng = np.random.default_rng(seed)
-  for _ in range(total):
-    step(a.to_torch(images[rng.choice(len(images), c.batch_size, replace=len(images) < c.batch_size)]))
-  model.eval()
-  maps, scores = [], []
-  with a.torch.inference_mode():
-    for s in range(0, len(test.images), c.batch_size):
-      out = model(a.to_torch(test.images[s:s + c.batch_size]))
-      maps.append(out.anomaly_map.reshape(-1, *test.images.shape[1:3]).numpy())
-      scores.append(out.pred_score.reshape(-1).numpy())
+  maps, scores = zip(*(predict(test.images[s:s + c.batch_size])
+                       for s in range(0, len(test.images), c.batch_size)))
   return metrics_lib.compute_all(image_labels=test.labels, image_scores=np.concatenate(scores),
                                  masks=test.masks, anomaly_maps=np.concatenate(maps),
                                  fpr_limit=c.eval.aupro_fpr_limit)
 
 
+def _batches(c, total: int, seed: int):
+  """``total`` uint8 NHWC training batches, replacement-free picks from a seeded generator."""
+  from draem_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  images = datasets.load_split(c, "", "train").images
+  rng = np.random.default_rng(seed)
+  for _ in range(total):
+    yield images[rng.choice(len(images), c.batch_size, replace=len(images) < c.batch_size)]
+
+
+def _anomalib(seed: int):
+  from benchmarks import anomalib_side  # pylint: disable=g-import-not-at-top
+  a = anomalib_side.load(True, threads=os.cpu_count() or 1)
+  if not a.available:
+    raise SystemExit(f"error: {a.reason}")
+  a.torch.manual_seed(seed)
+  return a
+
+
+def _our_generator(a, c, seed: int):
+  """``x -> (augmented, mask)`` on torch NCHW batches, made by ``draem_jax.synthesis`` with ``c``'s
+  synthesis (one key per step, one per example inside it)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from draem_jax import synthesis  # pylint: disable=g-import-not-at-top
+  from draem_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  cfg = recipes.synthesis_config(c)
+  if cfg.rotate_prob:
+    raise SystemExit("the anomalib-side loss takes the unrotated image as its target: use rotate_prob=0")
+  sources = jax.device_put(datasets.load_anomaly_sources(c))
+  fn = jax.jit(lambda key, x, src: synthesis.synthesize(key, x, src, config=cfg))
+  key, count = jax.random.key(seed), [0]
+
+  def generate(x):
+    syn = fn(jax.random.fold_in(key, count[0]), x.permute(0, 2, 3, 1).numpy(), sources)
+    count[0] += 1
+    return tuple(a.torch.from_numpy(np.asarray(v).transpose(0, 3, 1, 2).copy())
+                 for v in (syn.augmented, syn.mask))
+  return generate
+
+
+def _original_weights_init(a, model) -> None:
+  """The original code's weights_init on a torch model: conv kernels N(0, 0.02), BN N(1, 0.02) and 0."""
+  nn = a.torch.nn
+  for m in model.modules():
+    if isinstance(m, nn.Conv2d):
+      nn.init.normal_(m.weight, 0.0, 0.02)
+    elif isinstance(m, nn.BatchNorm2d):
+      nn.init.normal_(m.weight, 1.0, 0.02)
+      nn.init.zeros_(m.bias)
+
+
+def run_anomalib(c, total: int, seed: int, our_synthesis: bool = False, original_init: bool = False) -> dict:
+  """anomalib's side on the same data, steps, widths and metric code (the ``bench`` extra's environment):
+  its generator (or, with ``our_synthesis``, ours with ``c``'s synthesis fields), DraemModel (with
+  ``original_init``: re-initialised as the original code does), DraemLoss and Adam
+  (``benchmarks.anomalib_side``); image score = max of its anomaly map (anomalib's)."""
+  a = _anomalib(seed)
+  model, step = a.trainer(c.model.recon_width, c.model.disc_width, c.anomaly_source_path, c.learning_rate,
+                          generator=_our_generator(a, c, seed) if our_synthesis else None)
+  if original_init:
+    _original_weights_init(a, model)  # before any step: Adam's state is still empty
+  for batch in _batches(c, total, seed):
+    step(a.to_torch(batch))
+  model.eval()
+
+  def predict(images):
+    with a.torch.inference_mode():
+      out = model(a.to_torch(images))
+    return out.anomaly_map.reshape(-1, *images.shape[1:3]).numpy(), out.pred_score.reshape(-1).numpy()
+  return _test_metrics(c, predict)
+
+
+def run_ours(c, total: int, seed: int, anomalib_synthesis: bool = False, anomalib_init: bool = False) -> dict:
+  """Our networks, ``draem_loss`` and Adam (``steps``) on the same batches as ``run_anomalib``, with our
+  synthesis (``c``'s fields) or anomalib's generator, from our initialisation or from the initial weights
+  of anomalib's DraemModel (seeded as on its side, converted by ``convert``); our scoring (image score =
+  max of the 21x21 mean-filtered map)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from draem_jax import convert, steps, synthesis  # pylint: disable=g-import-not-at-top
+  a = _anomalib(seed)
+  model = steps.build_model(c)
+  tx = steps.make_optimizer(steps.learning_rate_schedule(c, 1))
+  state = jax.jit(lambda k: steps.create_train_state(model, tx, k, (c.image_size, c.image_size)))(
+      jax.random.key(seed))
+  if anomalib_init:
+    sd = {k: v.numpy() for k, v in a.model(c.model.recon_width, c.model.disc_width).state_dict().items()}
+    variables = convert.anomalib_state_dict_to_variables(sd)
+    params = jax.tree.map(lambda x: np.asarray(x, np.float32), variables["params"])
+    state = state.replace(params=params, batch_stats=variables["batch_stats"], opt_state=tx.init(params))
+  generate = a.generator(c.anomaly_source_path) if anomalib_synthesis else None
+  cfg, sources = recipes.synthesis_config(c), None
+  if not anomalib_synthesis:
+    from draem_jax.data import datasets  # pylint: disable=g-import-not-at-top
+    sources = jax.device_put(datasets.load_anomaly_sources(c))
+  synthesize = jax.jit(lambda key, x, src: synthesis.synthesize(key, x, src, config=cfg))
+
+  @jax.jit
+  def update(state, syn):
+    grads, batch_stats, _ = steps.loss_and_grads(model, state.params, state.batch_stats, syn)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                         batch_stats=batch_stats, opt_state=opt_state)
+
+  def nhwc(t):
+    return np.ascontiguousarray(t.numpy().transpose(0, 2, 3, 1))
+
+  key = jax.random.key(seed)
+  for i, batch in enumerate(_batches(c, total, seed)):
+    x = a.to_torch(batch)
+    if anomalib_synthesis:
+      augmented, mask = generate(x)
+      mask = nhwc(mask)
+      syn = synthesis.Synthesized(target=nhwc(x), augmented=nhwc(augmented), mask=mask,
+                                  has_anomaly=mask.max(axis=(1, 2, 3)))
+    else:
+      syn = synthesize(jax.random.fold_in(key, i), nhwc(x), sources)
+    state = update(state, syn)
+  infer = jax.jit(steps.make_infer_fn(model))
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+
+  def predict(images):
+    maps, scores, _ = infer(variables, images)
+    return np.asarray(maps), np.asarray(scores)
+  return _test_metrics(c, predict)
+
+
+# Crosses of the two sides: which half of the gap to anomalib is the synthesis, which the training.
+# name -> (our side's base ablation, runner keyword arguments).
+CROSSES = {
+    # anomalib's networks, loss and Adam on fast's synthesis (one image batch per step, as its side).
+    "anomalib_on_fast_synthesis": ("fast", lambda c, t, s: run_anomalib(c, t, s, our_synthesis=True)),
+    # ... and from the original code's initialisation.
+    "anomalib_on_fast_synthesis_original_init": (
+        "fast", lambda c, t, s: run_anomalib(c, t, s, our_synthesis=True, original_init=True)),
+    # Our networks, loss and Adam on anomalib's generator.
+    "fast_on_anomalib_synthesis": ("fast", lambda c, t, s: run_ours(c, t, s, anomalib_synthesis=True)),
+    # Ours on fast's synthesis, from anomalib's initial weights; and through this runner's batches alone.
+    "fast_from_anomalib_init": ("fast", lambda c, t, s: run_ours(c, t, s, anomalib_init=True)),
+    "fast_same_batches": ("fast", run_ours),
+}
+
+
 def run_one(ablation: str, category: str, seed: int, args) -> dict:
   from draem_jax import train  # pylint: disable=g-import-not-at-top  (JAX set up after the flags)
-  c, total = make_config("original" if ablation == "anomalib" else ablation, category, seed, args)
+  base = "original" if ablation == "anomalib" else CROSSES[ablation][0] if ablation in CROSSES else ablation
+  c, total = make_config(base, category, seed, args)
   load_before = _load1()
   t0 = time.perf_counter()
   if ablation == "anomalib":
     results = run_anomalib(c, total, seed)
+  elif ablation in CROSSES:
+    results = CROSSES[ablation][1](c, total, seed)
   else:
     with tempfile.TemporaryDirectory(prefix="draem_ablation_") as workdir:
       results = train.train_and_evaluate(c, workdir)
@@ -181,8 +309,8 @@ def main() -> None:
   p.add_argument("--out", required=True, help="folder for runs.jsonl and table.md")
   p.add_argument("--categories", default="", help="comma-separated; default: every category folder")
   p.add_argument("--ablations", default=",".join(ABLATIONS),
-                 help=f"comma-separated of {list(ABLATIONS)}, or anomalib (its side, in the bench extra's "
-                      "environment)")
+                 help=f"comma-separated of {list(ABLATIONS)}, or anomalib (its side), or a cross "
+                      f"{list(CROSSES)} (both in the bench extra's environment)")
   p.add_argument("--seeds", default="0,1")
   p.add_argument("--steps", type=int, default=100)
   p.add_argument("--size", type=int, default=64)
@@ -195,7 +323,7 @@ def main() -> None:
   args = p.parse_args()
   args.widths = tuple(int(w) for w in args.widths.split(","))
   ablations = [a for a in args.ablations.split(",") if a]
-  unknown = set(ablations) - set(ABLATIONS) - {"anomalib"}
+  unknown = set(ablations) - set(ABLATIONS) - {"anomalib"} - set(CROSSES)
   if unknown:
     raise SystemExit(f"unknown ablation(s) {sorted(unknown)}; known: {list(ABLATIONS)}")
   categories = [c for c in args.categories.split(",") if c] or sorted(

@@ -40,12 +40,16 @@ class Anomalib:
   def generator(self, texture_dir: str):
     return self.generator_cls(anomaly_source_path=texture_dir, probability=0.5)
 
-  def trainer(self, recon_width: int, disc_width: int, texture_dir: str, learning_rate: float = 1e-4):
-    """(model, step): ``step(x)`` trains once on a float NCHW batch, as Draem.training_step + Adam."""
+  def trainer(self, recon_width: int, disc_width: int, texture_dir: str, learning_rate: float = 1e-4,
+              generator=None):
+    """(model, step): ``step(x)`` trains once on a float NCHW batch, as Draem.training_step + Adam.
+
+    ``generator``: ``x -> (augmented, mask)`` (NCHW, mask (B, 1, H, W)) in place of anomalib's own.
+    """
     torch = self.torch
     model = self.model(recon_width, disc_width).train()
     loss_fn = self.loss_cls()
-    gen = self.generator(texture_dir)
+    gen = generator or self.generator(texture_dir)
     opt = torch.optim.Adam(model.parameters(), lr=learning_rate)
 
     def step(x):

@@ -22,6 +22,7 @@ restarting from step 0 forever.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import re
 import signal
@@ -153,6 +154,24 @@ class _Preemption:
 # Training.
 # ----------------------------------------------------------------------------------------------------
 
+def _initial_state(status: str, workdir, init_fn, seed_key, abstract, ema_decay: float,
+                   total_steps: int) -> tuple[steps.TrainState, int]:
+  """(state, start step): the newest intact checkpoint's when resuming, else ``init_fn(seed_key)``."""
+  if status != "resume":
+    return init_fn(seed_key), 0
+  try:  # a checkpoint whose EMA item is damaged falls back like one with a damaged model
+    start, model_vars, train_item, ema_vars = checkpointing.restore_intact(
+        workdir, checkpointing.abstract_like(abstract.model_variables()),
+        checkpointing.abstract_like(abstract.train_item()),
+        abstract_ema=checkpointing.abstract_like(abstract.ema_variables()) if ema_decay > 0 else None)
+  except checkpointing.NoCheckpointError as e:
+    raise TrainingError(str(e)) from None
+  logging.info("Resumed from step %d of %d.", start, total_steps)
+  return steps.TrainState(params=model_vars["params"], batch_stats=model_vars["batch_stats"],
+                          ema_params=ema_vars["params"] if ema_vars is not None else None,
+                          **train_item), start
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, Any]:
   """Trains (or resumes) the run in ``workdir`` and evaluates it; returns the evaluation metrics.
 
@@ -206,27 +225,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
                     out_shardings=repl)
   # Made by a jitted call so it is a global replicated array on multi-host runs too.
   seed_key = jax.jit(jax.random.key, out_shardings=repl)(config.seed)
-  if status == "resume":
-    abstract = jax.eval_shape(init_fn, seed_key)
-    try:  # a checkpoint whose EMA item is damaged falls back like one with a damaged model
-      start, model_vars, train_item, ema_vars = checkpointing.restore_intact(
-          workdir, checkpointing.abstract_like(abstract.model_variables()),
-          checkpointing.abstract_like(abstract.train_item()),
-          abstract_ema=checkpointing.abstract_like(abstract.ema_variables()) if ema_decay > 0 else None)
-    except checkpointing.NoCheckpointError as e:
-      raise TrainingError(str(e)) from None
-    state = steps.TrainState(params=model_vars["params"], batch_stats=model_vars["batch_stats"],
-                             ema_params=ema_vars["params"] if ema_vars is not None else None,
-                             **train_item)
-    logging.info("Resumed from step %d of %d.", start, total_steps)
-  else:
-    state, start = init_fn(seed_key), 0
+  abstract = jax.eval_shape(init_fn, seed_key)
 
-  # -- The jitted step: images picked, anomalies synthesized and both nets updated on the devices.
-  train_step = steps.jit_train_step(
+  # -- The jitted step: images picked, anomalies synthesized and both nets updated on the devices. It
+  # compiles in a thread while the state is initialised or restored: with a cold compilation cache these
+  # are a short run's two slowest compilations (the initialiser draws ~200 parameter tensors), and XLA
+  # compiles without the GIL, so on two cores the two overlap.
+  step_fn = steps.jit_train_step(
       mesh, model=model, tx=tx, synthesis_config=recipes.synthesis_config(config), schedule=schedule,
       batch_size=config.batch_size, data_seed=config.seed,
       crop_size=config.image_size if config.train_crop else None, ema_decay=ema_decay)
+  with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile_train_step") as pool:
+    compiled_step = pool.submit(lambda: step_fn.lower(abstract, train_images, sources).compile())
+    state, start = _initial_state(status, workdir, init_fn, seed_key, abstract, ema_decay, total_steps)
+    train_step = compiled_step.result()
 
   mngr = checkpointing.manager(workdir, keep=config.keep_checkpoints)
   writer = writers.MetricWriter(workdir, resume_step=start if status == "resume" else None)
