@@ -68,6 +68,14 @@ ABLATIONS: dict[str, Callable] = {
     "rotate_off_antialias": _set(synthesis__rotate_prob=0.0, source_resize="antialias"),
     "rotate_off_retry": _set(synthesis__rotate_prob=0.0, synthesis__empty_mask="retry"),
     "rotate_off_init_pytorch": _set(synthesis__rotate_prob=0.0, model__init="pytorch_default"),
+    # The focal loss's weight on normal pixels, on top of fast: 0 with half the focal weight is what
+    # anomalib's DRAEM trains with under kornia >= 0.9 (FocalLoss(alpha=1) weights class 0 by 1 - alpha).
+    "fast_focal_anomalous_only": _set(synthesis__rotate_prob=0.0, synthesis__empty_mask="retry",
+                                      loss__focal_normal_weight=0.0, loss__weights=(1.0, 1.0, 0.5)),
+    "fast_focal_normal_0.1": _set(synthesis__rotate_prob=0.0, synthesis__empty_mask="retry",
+                                  loss__focal_normal_weight=0.1),
+    "fast_focal_normal_0.3": _set(synthesis__rotate_prob=0.0, synthesis__empty_mask="retry",
+                                  loss__focal_normal_weight=0.3),
 }
 
 
@@ -162,14 +170,25 @@ def _original_weights_init(a, model) -> None:
       nn.init.zeros_(m.bias)
 
 
-def run_anomalib(c, total: int, seed: int, our_synthesis: bool = False, original_init: bool = False) -> dict:
+def _original_focal(a):
+  """The original code's focal term on anomalib's side: kornia's ``focal_loss`` with every class weighted
+  1 (``alpha=None``), times 2 because its mean runs over both classes' slices."""
+  from kornia import losses as kornia_losses  # pylint: disable=g-import-not-at-top
+  return lambda prediction, target: 2.0 * kornia_losses.focal_loss(prediction, target, alpha=None,
+                                                                     reduction="mean")
+
+
+def run_anomalib(c, total: int, seed: int, our_synthesis: bool = False, original_init: bool = False,
+                 original_focal: bool = False) -> dict:
   """anomalib's side on the same data, steps, widths and metric code (the ``bench`` extra's environment):
   its generator (or, with ``our_synthesis``, ours with ``c``'s synthesis fields), DraemModel (with
-  ``original_init``: re-initialised as the original code does), DraemLoss and Adam
-  (``benchmarks.anomalib_side``); image score = max of its anomaly map (anomalib's)."""
+  ``original_init``: re-initialised as the original code does), DraemLoss (with ``original_focal``: its
+  focal term as the original's) and Adam (``benchmarks.anomalib_side``); image score = max of its anomaly
+  map (anomalib's)."""
   a = _anomalib(seed)
   model, step = a.trainer(c.model.recon_width, c.model.disc_width, c.anomaly_source_path, c.learning_rate,
-                          generator=_our_generator(a, c, seed) if our_synthesis else None)
+                          generator=_our_generator(a, c, seed) if our_synthesis else None,
+                          focal=_original_focal(a) if original_focal else None)
   if original_init:
     _original_weights_init(a, model)  # before any step: Adam's state is still empty
   for batch in _batches(c, total, seed):
@@ -210,7 +229,8 @@ def run_ours(c, total: int, seed: int, anomalib_synthesis: bool = False, anomali
 
   @jax.jit
   def update(state, syn):
-    grads, batch_stats, _ = steps.loss_and_grads(model, state.params, state.batch_stats, syn)
+    grads, batch_stats, _ = steps.loss_and_grads(model, state.params, state.batch_stats, syn,
+                                                 recipes.loss_config(c))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                          batch_stats=batch_stats, opt_state=opt_state)
@@ -246,6 +266,9 @@ CROSSES = {
     # ... and from the original code's initialisation.
     "anomalib_on_fast_synthesis_original_init": (
         "fast", lambda c, t, s: run_anomalib(c, t, s, our_synthesis=True, original_init=True)),
+    # ... and with the original code's focal term (normal pixels weighted as anomalous ones).
+    "anomalib_on_fast_synthesis_original_focal": (
+        "fast", lambda c, t, s: run_anomalib(c, t, s, our_synthesis=True, original_focal=True)),
     # Our networks, loss and Adam on anomalib's generator.
     "fast_on_anomalib_synthesis": ("fast", lambda c, t, s: run_ours(c, t, s, anomalib_synthesis=True)),
     # Ours on fast's synthesis, from anomalib's initial weights; and through this runner's batches alone.

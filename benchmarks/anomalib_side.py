@@ -41,14 +41,17 @@ class Anomalib:
     return self.generator_cls(anomaly_source_path=texture_dir, probability=0.5)
 
   def trainer(self, recon_width: int, disc_width: int, texture_dir: str, learning_rate: float = 1e-4,
-              generator=None):
+              generator=None, focal=None):
     """(model, step): ``step(x)`` trains once on a float NCHW batch, as Draem.training_step + Adam.
 
-    ``generator``: ``x -> (augmented, mask)`` (NCHW, mask (B, 1, H, W)) in place of anomalib's own.
+    ``generator``: ``x -> (augmented, mask)`` (NCHW, mask (B, 1, H, W)) in place of anomalib's own;
+    ``focal``: ``(logits NCHW, target (B, H, W) int64) -> loss`` in place of DraemLoss's focal term.
     """
     torch = self.torch
     model = self.model(recon_width, disc_width).train()
     loss_fn = self.loss_cls()
+    if focal is not None:
+      loss_fn.focal_loss = focal
     gen = generator or self.generator(texture_dir)
     opt = torch.optim.Adam(model.parameters(), lr=learning_rate)
 

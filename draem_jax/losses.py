@@ -6,6 +6,7 @@ Everything is NHWC float32, pure and jittable; reductions are plain means, so un
 """
 
 from collections.abc import Sequence
+import dataclasses
 import functools
 
 import jax
@@ -14,6 +15,25 @@ import numpy as np
 
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """The objective's weights (``config.loss``; hashable, a static argument of the step).
+
+  Attributes:
+    weights: (l2, ssim, focal) term weights; (1, 1, 1) in the original.
+    focal_normal_weight: weight of the normal (class 0) pixels' focal terms, the anomalous ones' being 1;
+      1 in the original. 0 with ``weights[2] = 0.5`` is what anomalib's DRAEM trains with under kornia
+      >= 0.9, whose ``FocalLoss(alpha=1)`` gives class 0 the weight 1 - alpha and averages over both
+      classes' slices (docs/recipe.md).
+  """
+
+  weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
+  focal_normal_weight: float = 1.0
+
+
+ORIGINAL_LOSS = LossConfig()
 
 
 def _gaussian_taps(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> np.ndarray:
@@ -222,9 +242,9 @@ def l2_loss(x: jax.Array, y: jax.Array) -> jax.Array:
   return jnp.mean(d * d)
 
 
-@functools.partial(jax.jit, static_argnames=("gamma", "alpha", "smooth"))
+@functools.partial(jax.jit, static_argnames=("gamma", "alpha", "smooth", "normal_weight"))
 def focal_loss(logits: jax.Array, mask: jax.Array, gamma: float = 2.0, alpha: float = 1.0,
-               smooth: float = 1e-5) -> jax.Array:
+               smooth: float = 1e-5, normal_weight: float = 1.0) -> jax.Array:
   """DRAEM's focal loss on the softmax of the segmentation logits.
 
   With p = softmax(logits) over channels and a one-hot target clamped to
@@ -242,6 +262,8 @@ def focal_loss(logits: jax.Array, mask: jax.Array, gamma: float = 2.0, alpha: fl
     gamma: focusing exponent (2 in DRAEM).
     alpha: scalar class weight (the original uses all-ones weights, i.e. 1).
     smooth: target clamping and p_t offset (1e-5 in DRAEM).
+    normal_weight: factor on the terms of class-0 (normal) pixels, still averaged over all N*H*W
+      (1 in DRAEM; ``LossConfig.focal_normal_weight``).
 
   Returns:
     Scalar float32 loss.
@@ -268,11 +290,15 @@ def focal_loss(logits: jax.Array, mask: jax.Array, gamma: float = 2.0, alpha: fl
     focus = jax.lax.integer_pow(one_minus_pt, int(gamma))
   else:
     focus = one_minus_pt**gamma
-  return jnp.mean(-alpha * focus * jnp.log(p_t))
+  terms = -alpha * focus * jnp.log(p_t)
+  if normal_weight != 1.0:
+    terms = jnp.where(target == 0, normal_weight * terms, terms)
+  return jnp.mean(terms)
 
 
 def draem_loss(reconstruction: jax.Array, target: jax.Array, logits: jax.Array, mask: jax.Array,
-               *, weights: Sequence[float] = (1.0, 1.0, 1.0)) -> tuple[jax.Array, dict[str, jax.Array]]:
+               *, weights: Sequence[float] = (1.0, 1.0, 1.0),
+               focal_normal_weight: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The DRAEM objective: w0 L2 + w1 (1 - SSIM) + w2 focal.
 
   Args:
@@ -281,6 +307,7 @@ def draem_loss(reconstruction: jax.Array, target: jax.Array, logits: jax.Array, 
     logits: (N, H, W, 2) output of the discriminative network.
     mask: (N, H, W, 1) synthetic-anomaly mask in {0, 1}.
     weights: (l2, ssim, focal) weights; all 1 in the original.
+    focal_normal_weight: ``focal_loss``'s ``normal_weight`` (1 in the original).
 
   Returns:
     (total, {"l2": ..., "ssim": ..., "focal": ...}); the dict holds the unweighted terms, "ssim" being
@@ -291,7 +318,7 @@ def draem_loss(reconstruction: jax.Array, target: jax.Array, logits: jax.Array, 
   terms = {
       "l2": l2_loss(reconstruction, target),
       "ssim": ssim_loss(reconstruction, target),
-      "focal": focal_loss(logits, mask),
+      "focal": focal_loss(logits, mask, normal_weight=float(focal_normal_weight)),
   }
   total = weights[0] * terms["l2"] + weights[1] * terms["ssim"] + weights[2] * terms["focal"]
   return total, terms

@@ -21,6 +21,7 @@ import os
 
 import ml_collections
 
+from draem_jax import losses
 from draem_jax import models
 from draem_jax import synthesis
 from draem_jax.data import sources
@@ -38,7 +39,8 @@ BOOKKEEPING_FIELDS = (
 # with (the original code's): the resume check reads a field absent from the record as this value.
 SWITCH_DEFAULTS = {
     "source_resize": "original", "synthesis.empty_mask": "keep", "synthesis.rotate_fill": "black",
-    "model.init": "normal_0.02", "ema_decay": 0.0,
+    "model.init": "normal_0.02", "ema_decay": 0.0, "loss.weights": (1.0, 1.0, 1.0),
+    "loss.focal_normal_weight": 1.0,
 }
 # What a run recorded before a field existed trained with, for reading older records (the resume check
 # and ``rundir.load_config``): the switches' original values, and no hold-out split (before it existed
@@ -65,6 +67,14 @@ def synthesis_config(config) -> synthesis.SynthesisConfig:
   if unknown:
     raise ValueError(f"config.synthesis.{unknown[0]}: unknown field; known: {sorted(known)}")
   return synthesis.SynthesisConfig(**values)
+
+
+def loss_config(config) -> losses.LossConfig:
+  """The LossConfig that ``config.loss`` records (the original's where a config has no ``loss``)."""
+  if "loss" not in config:
+    return losses.LossConfig()
+  return losses.LossConfig(weights=tuple(float(w) for w in config.loss.weights),
+                           focal_normal_weight=float(config.loss.focal_normal_weight))
 
 
 def mvtec(category: str = "bottle", variants: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
@@ -109,6 +119,11 @@ def mvtec(category: str = "bottle", variants: tuple[str, ...] = ()) -> ml_collec
   c.lr_decay_fractions = (4 / 7, 6 / 7) if paper else (0.8, 0.9)
   c.lr_decay_factor = 0.1 if paper else 0.2
   c.ema_decay = 0.0               # > 0: keep an EMA of the weights, evaluated beside the raw ones; 0 = off
+
+  # The objective (losses.LossConfig): (l2, ssim, focal) weights, and the focal weight of normal pixels.
+  c.loss = ml_collections.ConfigDict()
+  c.loss.weights = (1.0, 1.0, 1.0)
+  c.loss.focal_normal_weight = 1.0
 
   # Bookkeeping (may change between invocations of one run).
   c.log_every_steps = 50
@@ -296,6 +311,7 @@ def validate(config) -> None:
   ema = config.ema_decay
   if isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0 <= ema < 1:
     raise ValueError(f"config.ema_decay={ema!r} must be a number in [0, 1) (0 = no EMA; e.g. 0.99).")
+  _validate_loss(config)
   if config.mask_rule not in ("reference", "nearest"):
     raise ValueError(f"config.mask_rule={config.mask_rule!r}: use 'reference' or 'nearest'.")
   if not 0 < config.eval.aupro_fpr_limit <= 1:
@@ -305,6 +321,18 @@ def validate(config) -> None:
   except (TypeError, ValueError) as e:
     raise ValueError(f"config.synthesis: {e}") from None
   _validate_validation(config)
+
+
+def _validate_loss(config) -> None:
+  def number(v):
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
+  w = config.loss.weights
+  if not isinstance(w, (tuple, list)) or len(w) != 3 or not all(number(x) for x in w) or not any(w):
+    raise ValueError(f"config.loss.weights={w!r} must be three finite numbers >= 0, not all 0: the "
+                     "(l2, ssim, focal) weights, e.g. (1.0, 1.0, 1.0).")
+  if not number(config.loss.focal_normal_weight):
+    raise ValueError(f"config.loss.focal_normal_weight={config.loss.focal_normal_weight!r} must be a "
+                     "finite number >= 0 (1 = the original).")
 
 
 def _fraction(name: str, value, low_open: bool = False) -> None:

@@ -160,8 +160,10 @@ def config_changes(saved, config) -> list[str]:
   for field in sorted(set(a) | set(b)):
     if _is_bookkeeping(field):
       continue
-    # A field absent from the record: the run trained with what it did before the field existed.
-    old, new = a.get(field, recipes.BEFORE_FIELD_EXISTED.get(field, missing)), b.get(field, missing)
+    old, new = a.get(field, missing), b.get(field, missing)
+    if old is missing:  # the run trained with what it did before the field existed (JSON: no tuples)
+      old = recipes.BEFORE_FIELD_EXISTED.get(field, missing)
+      old = list(old) if isinstance(old, tuple) else old
     if old != new:
       show = lambda v: "(absent)" if v is missing else repr(v)  # noqa: E731
       changes.append(f"{field}: {show(old)} -> {show(new)}")

@@ -125,8 +125,10 @@ def ema_update(ema_params: Any, params: Any, decay: float) -> Any:
   return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
 
 
-def loss_and_grads(model: nn.Module, params: Any, batch_stats: Any, syn: synthesis.Synthesized):
-  """Both networks in train mode on ``syn.augmented``, ``draem_loss`` and its gradients.
+def loss_and_grads(model: nn.Module, params: Any, batch_stats: Any, syn: synthesis.Synthesized,
+                   loss_config: losses.LossConfig = losses.ORIGINAL_LOSS):
+  """Both networks in train mode on ``syn.augmented``, ``draem_loss`` (weighted by ``loss_config``)
+  and its gradients.
 
   The focal loss reaches the reconstructive net through the reconstruction, as in the original.
 
@@ -137,7 +139,8 @@ def loss_and_grads(model: nn.Module, params: Any, batch_stats: Any, syn: synthes
   def loss_fn(params):
     (recon, logits), new_vars = model.apply({"params": params, "batch_stats": batch_stats},
                                             syn.augmented, train=True, mutable=["batch_stats"])
-    total, terms = losses.draem_loss(recon, syn.target, logits, syn.mask)
+    total, terms = losses.draem_loss(recon, syn.target, logits, syn.mask, weights=loss_config.weights,
+                                     focal_normal_weight=loss_config.focal_normal_weight)
     return total, (new_vars["batch_stats"], terms)
 
   (total, (new_stats, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -148,7 +151,8 @@ def train_step(state: TrainState, train_images: jax.Array, sources: jax.Array, *
                tx: optax.GradientTransformation, synthesis_config: synthesis.SynthesisConfig,
                schedule: optax.Schedule, batch_size: int, data_seed: int, crop_size: int | None = None,
                batch_sharding: jax.sharding.Sharding | None = None,
-               ema_decay: float = 0.0) -> tuple[TrainState, dict[str, Any]]:
+               ema_decay: float = 0.0,
+               loss_config: losses.LossConfig = losses.ORIGINAL_LOSS) -> tuple[TrainState, dict[str, Any]]:
   """One update: this step's images, anomaly synthesis, both networks, the losses and Adam.
 
   Args:
@@ -163,6 +167,7 @@ def train_step(state: TrainState, train_images: jax.Array, sources: jax.Array, *
       (``config.train_crop``), drawn from a key of its own.
     batch_sharding: where the step's batch lives (split over the ``data`` axis); None leaves it to XLA.
     ema_decay: static; > 0 also updates ``state.ema_params`` (which must exist) with this decay.
+    loss_config: static; the objective's weights (default the original's).
 
   Returns:
     ``(new_state, metrics)``; metrics are float32 scalars: loss, l2, ssim, focal, grad_norm,
@@ -181,7 +186,7 @@ def train_step(state: TrainState, train_images: jax.Array, sources: jax.Array, *
   # 2. Anomaly synthesis on the device, one key per example.
   syn = synthesis.synthesize(step_key, images, sources, config=synthesis_config)
   # 3. Losses and gradients of both networks.
-  grads, batch_stats, metrics = loss_and_grads(model, state.params, state.batch_stats, syn)
+  grads, batch_stats, metrics = loss_and_grads(model, state.params, state.batch_stats, syn, loss_config)
   # 4. Adam.
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -201,7 +206,7 @@ def train_step(state: TrainState, train_images: jax.Array, sources: jax.Array, *
 def jit_train_step(mesh: jax.sharding.Mesh, *, model: nn.Module, tx: optax.GradientTransformation,
                    synthesis_config: synthesis.SynthesisConfig, schedule: optax.Schedule,
                    batch_size: int, data_seed: int, crop_size: int | None = None,
-                   ema_decay: float = 0.0):
+                   ema_decay: float = 0.0, loss_config: losses.LossConfig = losses.ORIGINAL_LOSS):
   """``train_step`` with the recipe bound, jitted over ``mesh``; the state is donated.
 
   Returns:
@@ -212,7 +217,7 @@ def jit_train_step(mesh: jax.sharding.Mesh, *, model: nn.Module, tx: optax.Gradi
   fn = functools.partial(train_step, model=model, tx=tx, synthesis_config=synthesis_config,
                          schedule=schedule, batch_size=batch_size, data_seed=data_seed,
                          crop_size=crop_size, batch_sharding=parallel.data_sharding(mesh),
-                         ema_decay=ema_decay)
+                         ema_decay=ema_decay, loss_config=loss_config)
   return jax.jit(fn, in_shardings=(repl, repl, repl), out_shardings=(repl, repl), donate_argnums=0)
 
 

@@ -234,7 +234,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
   step_fn = steps.jit_train_step(
       mesh, model=model, tx=tx, synthesis_config=recipes.synthesis_config(config), schedule=schedule,
       batch_size=config.batch_size, data_seed=config.seed,
-      crop_size=config.image_size if config.train_crop else None, ema_decay=ema_decay)
+      crop_size=config.image_size if config.train_crop else None, ema_decay=ema_decay,
+      loss_config=recipes.loss_config(config))
   with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile_train_step") as pool:
     compiled_step = pool.submit(lambda: step_fn.lower(abstract, train_images, sources).compile())
     state, start = _initial_state(status, workdir, init_fn, seed_key, abstract, ema_decay, total_steps)

@@ -161,5 +161,11 @@ def test_each_ablation_changes_only_what_its_name_says(tmp_path):
   assert diff("rotate_off") == {"synthesis.rotate_prob": 0.0}
   assert diff("fast") == diff("rotate_off_retry") == {"synthesis.rotate_prob": 0.0,
                                                       "synthesis.empty_mask": "retry"}
+  fast = diff("fast")
+  assert diff("fast_focal_anomalous_only") == {**fast, "loss.focal_normal_weight": 0.0,
+                                               "loss.weights": (1.0, 1.0, 0.5)}
+  assert diff("fast_focal_normal_0.1") == {**fast, "loss.focal_normal_weight": 0.1}
   for name in ablations.ABLATIONS:
     assert name == "original" or diff(name), name
+  for name, (base, _) in ablations.CROSSES.items():
+    assert base in ablations.ABLATIONS, name

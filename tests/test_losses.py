@@ -198,8 +198,9 @@ def test_l2_loss_matches_numpy():
     losses.l2_loss(jnp.zeros((1, 2)), jnp.zeros((2, 1)))
 
 
-def _focal_np(logits, mask, gamma=2.0, alpha=1.0, smooth=1e-5):
-  """Float64 transcription of DRAEM's focal loss (softmax input, clamped one-hot, + smooth)."""
+def _focal_np(logits, mask, gamma=2.0, alpha=1.0, smooth=1e-5, normal_weight=1.0):
+  """Float64 transcription of DRAEM's focal loss (softmax input, clamped one-hot, + smooth); the terms of
+  class-0 pixels times ``normal_weight`` (1 in DRAEM)."""
   logits = np.asarray(logits, np.float64)
   c = logits.shape[-1]
   e = np.exp(logits - logits.max(-1, keepdims=True))
@@ -209,7 +210,7 @@ def _focal_np(logits, mask, gamma=2.0, alpha=1.0, smooth=1e-5):
   onehot[np.arange(len(idx)), idx] = 1.0
   onehot = np.clip(onehot, smooth / (c - 1), 1.0 - smooth)
   pt = (onehot * p).sum(1) + smooth
-  return np.mean(-alpha * (1.0 - pt)**gamma * np.log(pt))
+  return np.mean(np.where(idx == 0, normal_weight, 1.0) * -alpha * (1.0 - pt)**gamma * np.log(pt))
 
 
 @pytest.mark.numerics
@@ -234,6 +235,29 @@ def test_focal_loss_other_parameters_and_classes():
                                   alpha=alpha, smooth=smooth))
     np.testing.assert_allclose(got, _focal_np(np.float32(logits), mask, gamma, alpha, smooth),
                                rtol=5e-6)
+
+
+def test_focal_normal_weight_scales_only_the_normal_pixels_terms():
+  rng = np.random.default_rng(17)
+  logits = 2.0 * rng.standard_normal((2, 6, 7, 2))
+  mask = (rng.random((2, 6, 7, 1)) < 0.3).astype(np.float32)
+  lg, m = jnp.asarray(logits, jnp.float32), jnp.asarray(mask)
+  for w in (0.0, 0.1, 0.5, 2.0):
+    np.testing.assert_allclose(float(losses.focal_loss(lg, m, normal_weight=w)),
+                               _focal_np(np.float32(logits), mask, normal_weight=w), rtol=5e-6)
+  assert float(losses.focal_loss(lg, m, normal_weight=1.0)) == float(losses.focal_loss(lg, m))
+  # Weight 0: normal pixels get no gradient at all, anomalous ones the unweighted one.
+  grad = np.asarray(jax.grad(losses.focal_loss)(lg, m, normal_weight=0.0))
+  full = np.asarray(jax.grad(losses.focal_loss)(lg, m))
+  normal = mask[..., 0] == 0
+  assert np.all(grad[normal] == 0) and np.abs(full[normal]).sum() > 0
+  np.testing.assert_allclose(grad[~normal], full[~normal], rtol=1e-6)
+  # The same through draem_loss and LossConfig (what the train step passes).
+  rec = img = jnp.full((2, 6, 7, 3), 0.5)
+  _, terms = losses.draem_loss(rec, img, lg, m, focal_normal_weight=0.25)
+  np.testing.assert_allclose(float(terms["focal"]), _focal_np(np.float32(logits), mask, normal_weight=0.25),
+                             rtol=5e-6)
+  assert losses.ORIGINAL_LOSS == losses.LossConfig((1.0, 1.0, 1.0), 1.0)
 
 
 def test_focal_loss_gradients_finite_when_saturated():

@@ -20,6 +20,7 @@ from draem_jax import checkpointing
 from draem_jax import conv as conv_lib
 from draem_jax import evaluate
 from draem_jax import geometry
+from draem_jax import losses
 from draem_jax import models
 from draem_jax import noise
 from draem_jax import parallel
@@ -413,19 +414,43 @@ def test_recipe_defaults_are_the_original_and_fast_turns_the_switches_on():
   paper = _flat(recipes.from_argument("bottle,paper"))
   assert {k for k, v in _flat(paper_fast).items() if v != paper[k]} == changed
   assert recipes.synthesis_config(base) == synthesis.SynthesisConfig()
+  assert recipes.loss_config(base) == recipes.loss_config(fast) == losses.ORIGINAL_LOSS
   with pytest.raises(ValueError, match="known: paper, fast"):
     recipes.from_argument("bottle,faster")
 
 
 @pytest.mark.parametrize("name,value", [
     ("source_resize", "area"), ("model.init", "xavier"), ("ema_decay", 1.0), ("ema_decay", -0.1),
-    ("ema_decay", True), ("synthesis.empty_mask", "rescale"), ("synthesis.rotate_fill", "white")])
+    ("ema_decay", True), ("synthesis.empty_mask", "rescale"), ("synthesis.rotate_fill", "white"),
+    ("loss.focal_normal_weight", -0.5), ("loss.focal_normal_weight", float("nan")),
+    ("loss.weights", (1.0, 1.0)), ("loss.weights", (0.0, 0.0, 0.0)), ("loss.weights", (1.0, -1.0, 1.0))])
 def test_validate_names_the_bad_switch(name, value):
   config = recipes.tiny()
   head, _, last = name.rpartition(".")
   (config[head] if head else config)[last] = value
   with pytest.raises(ValueError, match=last):
     recipes.validate(config)
+
+
+def test_loss_config_reaches_the_step_and_its_default_is_the_original():
+  model = models.DRAEM(recon_width=4, disc_width=4)
+  tx = steps.make_optimizer(lambda _: 1e-3)
+  state = steps.create_train_state(model, tx, jax.random.key(0), (32, 32))
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.random((4, 32, 32, 3)), jnp.float32)
+  sources = jnp.asarray(rng.integers(0, 256, (3, 32, 32, 3)), jnp.uint8)
+  syn = synthesis.synthesize(jax.random.key(1), images, sources)
+  assert float(jnp.sum(syn.has_anomaly)) > 0
+  run = jax.jit(lambda syn, cfg: steps.loss_and_grads(model, state.params, state.batch_stats, syn, cfg),
+                static_argnums=1)
+  implicit = jax.jit(lambda syn: steps.loss_and_grads(model, state.params, state.batch_stats, syn))(syn)
+  explicit = run(syn, losses.LossConfig((1.0, 1.0, 1.0), 1.0))
+  jax.tree.map(np.testing.assert_array_equal, implicit, explicit)
+  grads, _, m = run(syn, losses.LossConfig((1.0, 1.0, 0.5), 0.0))
+  np.testing.assert_allclose(float(m["loss"]), float(m["l2"] + m["ssim"] + 0.5 * m["focal"]), rtol=1e-6)
+  assert float(m["focal"]) < float(explicit[2]["focal"])  # the normal pixels' terms are gone
+  assert float(m["l2"]) == float(explicit[2]["l2"])
+  assert not np.allclose(np.asarray(jax.tree.leaves(grads)[0]), np.asarray(jax.tree.leaves(explicit[0])[0]))
 
 
 def _record_without_switches(workdir, config):
@@ -441,7 +466,8 @@ def test_run_recorded_before_the_switches_resumes_with_their_defaults(tmp_path):
   rundir.check_resume(tmp_path, recipes.tiny())  # the defaults: what the old run trained with
   for name, value in (("source_resize", "antialias"), ("synthesis.empty_mask", "retry"),
                       ("synthesis.rotate_fill", "edge"), ("model.init", "pytorch_default"),
-                      ("ema_decay", 0.9)):
+                      ("ema_decay", 0.9), ("loss.focal_normal_weight", 0.1),
+                      ("loss.weights", (1.0, 1.0, 0.5))):
     changed = recipes.tiny()
     head, _, last = name.rpartition(".")
     (changed[head] if head else changed)[last] = value
