@@ -50,8 +50,10 @@ class Anomalib:
     torch = self.torch
     model = self.model(recon_width, disc_width).train()
     loss_fn = self.loss_cls()
-    if focal is not None:
-      loss_fn.focal_loss = focal
+    if focal is not None:  # DraemLoss.forward with the focal term replaced
+      draem = loss_fn
+      loss_fn = lambda x, recon, mask, pred: (draem.l2_loss(recon, x) + 2 * draem.ssim_loss(recon, x)  # noqa: E731
+                                              + focal(pred, mask.squeeze(1).long()))
     gen = generator or self.generator(texture_dir)
     opt = torch.optim.Adam(model.parameters(), lr=learning_rate)
 
