@@ -168,8 +168,12 @@ def _fast(c: ml_collections.ConfigDict) -> None:
   ``synthesis.rotate_prob = 0`` (the original rotates 30 % of them by up to 90 degrees with black
   corners, plausibly teaching that dark patches are normal), ``synthesis.empty_mask = "retry"`` (about 5 %
   of the original's masks are empty) and ``loss.focal_normal_weight = 0.1`` (the original weights every
-  pixel 1; anomalib under kornia 0.9 weights normal pixels 0). Expected numbers, measured at a short
-  budget only: ``FAST_EXPECTED`` and docs/recipe.md.
+  pixel 1; anomalib under kornia 0.9 weights normal pixels 0). Measured at a short budget only
+  (docs/recipe.md; 64 px, widths 32/16, batch 8, 100 steps at lr 1e-4, PIPED piped_pa_bdp01_tl and
+  piped_pa_bft01_tl x seeds 0 and 1, mean over the categories, then mean +- std over seeds): pixel AP
+  77.8 +- 3.3 (original 18.0 +- 4.0, anomalib 52.7 +- 0.1), AUPRO 91.1 +- 1.6 (61.9 +- 7.0, anomalib
+  82.6 +- 2.1), image AUROC 93.2 +- 9.6 (89.8 +- 4.4, anomalib 99.8 +- 0.2). No expected numbers for
+  full-size runs.
   """
   c.synthesis.rotate_prob = 0.0
   c.synthesis.empty_mask = "retry"
