@@ -230,19 +230,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
   seed_key = jax.jit(jax.random.key, out_shardings=repl)(config.seed)
   abstract = jax.eval_shape(init_fn, seed_key)
 
-  # -- The jitted step: images picked, anomalies synthesized and both nets updated on the devices. It
-  # compiles in a thread while the state is initialised or restored: with a cold compilation cache these
-  # are a short run's two slowest compilations (the initialiser draws ~200 parameter tensors), and XLA
-  # compiles without the GIL, so on two cores the two overlap.
+  # -- The jitted step: images picked, anomalies synthesized and both nets updated on the devices. In a
+  # single-process run it compiles in a thread while the state is initialised or restored: with a cold
+  # compilation cache these are a short run's two slowest compilations (the initialiser draws ~200
+  # parameter tensors), and XLA compiles without the GIL, so on two cores the two overlap. Not with
+  # several processes: the first collective after the compilations (the checkpoint manager's) waits
+  # only 30 s for the slowest process over gloo on CPU, and with both compilations before it the
+  # suite's two-process test timed out there on a loaded 2-core machine.
   step_fn = steps.jit_train_step(
       mesh, model=model, tx=tx, synthesis_config=recipes.synthesis_config(config), schedule=schedule,
       batch_size=config.batch_size, data_seed=config.seed,
       crop_size=config.image_size if config.train_crop else None, ema_decay=ema_decay,
       loss_config=recipes.loss_config(config))
-  with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile_train_step") as pool:
-    compiled_step = pool.submit(lambda: step_fn.lower(abstract, train_images, sources).compile())
+  if jax.process_count() == 1:
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile_train_step") as pool:
+      compiled_step = pool.submit(lambda: step_fn.lower(abstract, train_images, sources).compile())
+      state, start = _initial_state(status, workdir, init_fn, seed_key, abstract, ema_decay, total_steps)
+      train_step = compiled_step.result()
+  else:
     state, start = _initial_state(status, workdir, init_fn, seed_key, abstract, ema_decay, total_steps)
-    train_step = compiled_step.result()
+    train_step = step_fn
 
   mngr = checkpointing.manager(workdir, keep=config.keep_checkpoints)
   writer = writers.MetricWriter(workdir, resume_step=start if status == "resume" else None)
