@@ -9,7 +9,10 @@ Each (ablation, category, seed) is one ``train.train_and_evaluate`` of ``recipes
 split's image AUROC, pixel AP and AUPRO. ``--ema_decay`` adds the EMA weights' metrics to every run (the
 EMA does not change the raw training, so the raw metrics stay the ablation's own). ``anomalib`` as an
 ablation trains anomalib's DRAEM on the same images, steps, widths and learning rate and scores it with
-the same metric code (run it with the ``bench`` extra's environment). One run at a time.
+the same metric code (run it with the ``bench`` extra's environment). The ``CROSSES`` train one half of
+each side with the other's: anomalib's networks, loss and Adam on our synthesis (also with the original's
+init or focal term), ours on anomalib's generator or from its initial weights, through one loop with the
+same image batches (bench environment). One run at a time.
 Rows are appended to ``OUT/runs.jsonl`` as they finish (an interrupted sweep continues where it
 stopped) and ``OUT/table.md`` is rewritten after each: per ablation the mean over categories of each
 seed, then mean and spread (sample std) over seeds, and the mean wall time per run with the 1-minute
