@@ -14,8 +14,9 @@ loss; it combines with ``,paper``. Every field can be overridden, e.g. ``--confi
 Expected for ``,fast`` at a short budget only (64 px, widths 32/16, 100 steps at a constant lr 1e-4, two
 PIPED categories x 2 seeds, docs/recipe.md): pixel AP 77.8 +- 3.3 vs the original recipe's 18.0 +- 4.0
 and anomalib's 52.7 +- 0.1; AUPRO 91.1 +- 1.6 vs 61.9 +- 7.0 and 82.6 +- 2.1; image AUROC 93.2 +- 9.6
-vs 89.8 +- 4.4 and 99.8 +- 0.2. On four PIPED categories: pixel AP 65.7 +- 25.6 vs anomalib's
-57.5 +- 3.4, AUPRO 86.6 +- 4.2 vs 80.6 +- 1.9, with one seed of two below anomalib on pixel AP.
+vs 89.8 +- 4.4 and 99.8 +- 0.2. On four PIPED categories x 3 seeds: pixel AP 72.0 +- 21.2 vs
+anomalib's 59.8 +- 4.7, AUPRO 87.7 +- 3.5 vs 81.7 +- 2.2, with one seed of three below anomalib on
+pixel AP.
 
 Recipe: 256x256 images, global batch 8, Adam 1e-4 on both nets, 700 epochs counted in steps
 (ceil(N_train / 8) per epoch), lr x0.2 at 80% and 90% of the epochs, widths 128 / 64, float32.

@@ -173,8 +173,8 @@ def _fast(c: ml_collections.ConfigDict) -> None:
   piped_pa_bft01_tl x seeds 0 and 1, mean over the categories, then mean +- std over seeds): pixel AP
   77.8 +- 3.3 (original 18.0 +- 4.0, anomalib 52.7 +- 0.1), AUPRO 91.1 +- 1.6 (61.9 +- 7.0, anomalib
   82.6 +- 2.1), image AUROC 93.2 +- 9.6 (89.8 +- 4.4, anomalib 99.8 +- 0.2). With piped_pa_brg01_rl and
-  piped_pa_flr01_tl added: pixel AP 65.7 +- 25.6 vs anomalib's 57.5 +- 3.4, AUPRO 86.6 +- 4.2 vs
-  80.6 +- 1.9 (seed 0 below anomalib on pixel AP). No expected numbers for full-size runs.
+  piped_pa_flr01_tl added and 3 seeds: pixel AP 72.0 +- 21.2 vs anomalib's 59.8 +- 4.7, AUPRO 87.7 +- 3.5
+  vs 81.7 +- 2.2 (seed 0 below anomalib on pixel AP). No expected numbers for full-size runs.
   """
   c.synthesis.rotate_prob = 0.0
   c.synthesis.empty_mask = "retry"
