@@ -142,21 +142,27 @@ def _anomalib(seed: int):
   return a
 
 
-def _our_generator(a, c, seed: int):
-  """``x -> (augmented, mask)`` on torch NCHW batches, made by ``draem_jax.synthesis`` with ``c``'s
-  synthesis (one key per step, one per example inside it)."""
+def _our_synthesis(c, seed: int):
+  """``(i, float NHWC batch) -> Synthesized`` by ``draem_jax.synthesis`` with ``c``'s synthesis fields, step
+  ``i`` keyed ``fold_in(key(seed), i)`` (one key per example inside it, as in the train step)."""
   import jax  # pylint: disable=g-import-not-at-top
   from draem_jax import synthesis  # pylint: disable=g-import-not-at-top
   from draem_jax.data import datasets  # pylint: disable=g-import-not-at-top
   cfg = recipes.synthesis_config(c)
-  if cfg.rotate_prob:
-    raise SystemExit("the anomalib-side loss takes the unrotated image as its target: use rotate_prob=0")
   sources = jax.device_put(datasets.load_anomaly_sources(c))
   fn = jax.jit(lambda key, x, src: synthesis.synthesize(key, x, src, config=cfg))
-  key, count = jax.random.key(seed), [0]
+  key = jax.random.key(seed)
+  return lambda i, x: fn(jax.random.fold_in(key, i), x, sources)
+
+
+def _our_generator(a, c, seed: int):
+  """``x -> (augmented, mask)`` on torch NCHW batches from ``_our_synthesis``, one step per call."""
+  if c.synthesis.rotate_prob:
+    raise SystemExit("the anomalib-side loss takes the unrotated image as its target: use rotate_prob=0")
+  synthesize, count = _our_synthesis(c, seed), [0]
 
   def generate(x):
-    syn = fn(jax.random.fold_in(key, count[0]), x.permute(0, 2, 3, 1).numpy(), sources)
+    syn = synthesize(count[0], x.permute(0, 2, 3, 1).numpy())
     count[0] += 1
     return tuple(a.torch.from_numpy(np.asarray(v).transpose(0, 3, 1, 2).copy())
                  for v in (syn.augmented, syn.mask))
@@ -224,12 +230,10 @@ def run_ours(c, total: int, seed: int, anomalib_synthesis: bool = False, anomali
     variables = convert.anomalib_state_dict_to_variables(sd)
     params = jax.tree.map(lambda x: np.asarray(x, np.float32), variables["params"])
     state = state.replace(params=params, batch_stats=variables["batch_stats"], opt_state=tx.init(params))
-  generate = a.generator(c.anomaly_source_path) if anomalib_synthesis else None
-  cfg, sources = recipes.synthesis_config(c), None
-  if not anomalib_synthesis:
-    from draem_jax.data import datasets  # pylint: disable=g-import-not-at-top
-    sources = jax.device_put(datasets.load_anomaly_sources(c))
-  synthesize = jax.jit(lambda key, x, src: synthesis.synthesize(key, x, src, config=cfg))
+  if anomalib_synthesis:
+    generate = a.generator(c.anomaly_source_path)
+  else:
+    synthesize = _our_synthesis(c, seed)
 
   @jax.jit
   def update(state, syn):
@@ -242,7 +246,6 @@ def run_ours(c, total: int, seed: int, anomalib_synthesis: bool = False, anomali
   def nhwc(t):
     return np.ascontiguousarray(t.numpy().transpose(0, 2, 3, 1))
 
-  key = jax.random.key(seed)
   for i, batch in enumerate(_batches(c, total, seed)):
     x = a.to_torch(batch)
     if anomalib_synthesis:
@@ -251,7 +254,7 @@ def run_ours(c, total: int, seed: int, anomalib_synthesis: bool = False, anomali
       syn = synthesis.Synthesized(target=nhwc(x), augmented=nhwc(augmented), mask=mask,
                                   has_anomaly=mask.max(axis=(1, 2, 3)))
     else:
-      syn = synthesize(jax.random.fold_in(key, i), nhwc(x), sources)
+      syn = synthesize(i, nhwc(x))
     state = update(state, syn)
   infer = jax.jit(steps.make_infer_fn(model))
   variables = {"params": state.params, "batch_stats": state.batch_stats}
@@ -281,18 +284,19 @@ CROSSES = {
     "fast_from_anomalib_init": (_BASE, lambda c, t, s: run_ours(c, t, s, anomalib_init=True)),
     "fast_same_batches": (_BASE, run_ours),
 }
+# Every entry that does not go through train.train_and_evaluate: anomalib's side (on the original's
+# config fields) and the crosses.
+_RUNNERS = {"anomalib": ("original", run_anomalib), **CROSSES}
 
 
 def run_one(ablation: str, category: str, seed: int, args) -> dict:
   from draem_jax import train  # pylint: disable=g-import-not-at-top  (JAX set up after the flags)
-  base = "original" if ablation == "anomalib" else CROSSES[ablation][0] if ablation in CROSSES else ablation
+  base, runner = _RUNNERS.get(ablation, (ablation, None))
   c, total = make_config(base, category, seed, args)
   load_before = _load1()
   t0 = time.perf_counter()
-  if ablation == "anomalib":
-    results = run_anomalib(c, total, seed)
-  elif ablation in CROSSES:
-    results = CROSSES[ablation][1](c, total, seed)
+  if runner is not None:
+    results = runner(c, total, seed)
   else:
     with tempfile.TemporaryDirectory(prefix="draem_ablation_") as workdir:
       results = train.train_and_evaluate(c, workdir)
@@ -352,7 +356,7 @@ def main() -> None:
   args = p.parse_args()
   args.widths = tuple(int(w) for w in args.widths.split(","))
   ablations = [a for a in args.ablations.split(",") if a]
-  unknown = set(ablations) - set(ABLATIONS) - {"anomalib"} - set(CROSSES)
+  unknown = set(ablations) - set(ABLATIONS) - set(_RUNNERS)
   if unknown:
     raise SystemExit(f"unknown ablation(s) {sorted(unknown)}; known: {list(ABLATIONS)}")
   categories = [c for c in args.categories.split(",") if c] or sorted(

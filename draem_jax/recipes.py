@@ -70,9 +70,7 @@ def synthesis_config(config) -> synthesis.SynthesisConfig:
 
 
 def loss_config(config) -> losses.LossConfig:
-  """The LossConfig that ``config.loss`` records (the original's where a config has no ``loss``)."""
-  if "loss" not in config:
-    return losses.LossConfig()
+  """The LossConfig that ``config.loss`` records."""
   return losses.LossConfig(weights=tuple(float(w) for w in config.loss.weights),
                            focal_normal_weight=float(config.loss.focal_normal_weight))
 
