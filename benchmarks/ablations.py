@@ -80,6 +80,11 @@ ABLATIONS: dict[str, Callable] = {
                                   loss__focal_normal_weight=0.1),
     "fast_focal_normal_0.3": _set(synthesis__rotate_prob=0.0, synthesis__empty_mask="retry",
                                   loss__focal_normal_weight=0.3),
+    # fast's focal weight either side of 0.1: is the seed-0 collapse of its pixel AP a too-small weight?
+    "fast_focal_normal_0.05": _set(synthesis__rotate_prob=0.0, synthesis__empty_mask="retry",
+                                   loss__focal_normal_weight=0.05),
+    "fast_focal_normal_0.2": _set(synthesis__rotate_prob=0.0, synthesis__empty_mask="retry",
+                                  loss__focal_normal_weight=0.2),
 }
 
 
@@ -304,14 +309,15 @@ def run_one(ablation: str, category: str, seed: int, args) -> dict:
          "wall_s": time.perf_counter() - t0, "load_before": load_before, "load_after": _load1(),
          **{k: results[k] for k in KEYS}}
   for k in KEYS:
-    if f"ema_{k}" in results:
-      row[f"ema_{k}"] = results[f"ema_{k}"]
+    for other in (f"ema_{k}", f"raw_{k}"):  # the EMA's beside raw weights, or the raw beside an EMA model
+      if other in results:
+        row[other] = results[other]
   return row
 
 
 def table(rows: list[dict], ablations: list[str]) -> str:
   """Markdown: per ablation, mean over categories per seed, then mean ± std over seeds."""
-  keys = list(KEYS) + [f"ema_{k}" for k in KEYS if any(f"ema_{k}" in r for r in rows)]
+  keys = list(KEYS) + [f"{p}_{k}" for p in ("ema", "raw") for k in KEYS if any(f"{p}_{k}" in r for r in rows)]
   head = ["ablation", "runs"] + [k.replace("_", " ") for k in keys] + ["wall s / run", "load 1-min"]
   out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name in ablations:

@@ -208,7 +208,7 @@ def _is_layout_error(e: BaseException) -> bool:
   return "topology mismatch" in str(e).lower()
 
 
-def restore_intact(workdir, abstract_model: Any, abstract_train: Any | None = None,
+def restore_intact(workdir, abstract_model: Any | None, abstract_train: Any | None = None,
                    step: int | None = None, abstract_ema: Any | None = None
                    ) -> tuple[int, Any, Any | None, Any | None]:
   """Restores the newest intact checkpoint (or exactly ``step``).
@@ -219,7 +219,7 @@ def restore_intact(workdir, abstract_model: Any, abstract_train: Any | None = No
 
   Args:
     workdir: the run's work directory.
-    abstract_model: abstract tree (with shardings) of the model item.
+    abstract_model: abstract tree (with shardings) of the model item, or None to skip it (the EMA alone).
     abstract_train: the same for the train item, or None for model-only restores.
     step: a specific checkpoint; then a damaged one raises instead of falling back.
     abstract_ema: the same (model-shaped) for the EMA item, or None (runs without EMA, evaluation).

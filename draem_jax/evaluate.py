@@ -194,7 +194,7 @@ def evaluate_workdir(workdir, config: ml_collections.ConfigDict | None = None, s
                                  anomaly_maps=maps, fpr_limit=config.eval.aupro_fpr_limit)
   results.update({k: float(v) for k, v in free.items() if not k.endswith("_threshold")})
   results["num_test_images"] = int(len(scores))
-  results.update(_ema_metrics(workdir, config, model, step, test))
+  results.update(_beside_metrics(workdir, config, model, step, test))
   image_thresholds = {"oracle": free["image_threshold"]}
   results.update(decision_metrics("oracle", test.labels, scores, test.masks, maps, free["image_threshold"],
                                   free["pixel_threshold"]))
@@ -212,25 +212,33 @@ def evaluate_workdir(workdir, config: ml_collections.ConfigDict | None = None, s
   return results
 
 
-def _ema_metrics(workdir, config, model, step: int, test) -> dict[str, float]:
-  """Threshold-free metrics of the EMA weights of ``step`` as ``ema_<metric>`` (``config.ema_decay`` > 0).
+def _beside_metrics(workdir, config, model, step: int, test) -> dict[str, float]:
+  """Threshold-free metrics of the run's other weights of checkpoint ``step``, reported beside the model's.
 
-  Reported beside the raw weights' metrics; thresholds, the report's maps and model selection stay the
-  raw weights'. Empty when the run has no EMA (or the checkpoint lacks it, e.g. a "best" copy).
+  The model is the raw weights unless ``config.ema_as_model``: then these are the raw weights' metrics
+  as ``raw_<metric>``, else the EMA weights' as ``ema_<metric>`` (``config.ema_decay`` > 0). Thresholds,
+  the report's maps and model selection stay the model's. Empty when the run has no EMA or checkpoint
+  ``step`` lacks the other weights (e.g. a "best" copy whose step was pruned).
   """
   decay = float(config.ema_decay)
-  if decay <= 0 or not checkpointing.has_ema(workdir, step):
+  if decay <= 0:
     return {}
+  abstract = rundir.abstract_variables(model, config.image_size)
   try:
-    ema_vars = checkpointing.restore_ema(workdir, step, rundir.abstract_variables(model, config.image_size))
-  except checkpointing.NoCheckpointError as e:  # the raw weights' evaluation stands on its own
-    logging.warning("no EMA metrics: %s", e)
+    if config.get("ema_as_model", False):
+      prefix, other = "raw", checkpointing.restore_intact(workdir, abstract, step=step)[1]
+    elif checkpointing.has_ema(workdir, step):
+      prefix, other = "ema", checkpointing.restore_ema(workdir, step, abstract)
+    else:
+      return {}
+  except checkpointing.NoCheckpointError as e:  # the model's evaluation stands on its own
+    logging.warning("no metrics of the other weights: %s", e)
     return {}
-  maps, scores = validation.make_predict(inference.Inferencer(model, ema_vars, config), config)(test.images)
+  maps, scores = validation.make_predict(inference.Inferencer(model, other, config), config)(test.images)
   free = metrics_lib.compute_all(image_labels=test.labels, image_scores=scores, masks=test.masks,
                                  anomaly_maps=maps, fpr_limit=config.eval.aupro_fpr_limit)
-  ema = {f"ema_{k}": float(v) for k, v in free.items() if not k.endswith("_threshold")}
-  return {"ema_decay": decay, **ema}
+  return {"ema_decay": decay, **{f"{prefix}_{k}": float(v) for k, v in free.items()
+                                 if not k.endswith("_threshold")}}
 
 
 def _finite_or_none(tree):
@@ -291,11 +299,13 @@ def markdown_table(results: dict[str, Any]) -> str:
               f"held-out good images), pixel {th['pixel']:.6g} (target pixel FPR {th['pixel_fpr']:g})."]
   elif results.get("normal_thresholds_note"):
     lines += ["", results["normal_thresholds_note"]]
-  if "ema_image_auroc" in results:
-    lines += ["", f"EMA weights (decay {results['ema_decay']:g}): image AUROC "
-              f"{_pct(results['ema_image_auroc'])}, pixel AP {_pct(results.get('ema_pixel_ap'))}, AUPRO "
-              f"{_pct(results.get('ema_aupro'))} "
-              "(thresholds and maps above: the raw weights)."]
+  for prefix, name, model_is in (("ema", "EMA weights", "the raw weights"),
+                                 ("raw", "Raw weights", "the EMA weights (config.ema_as_model)")):
+    if f"{prefix}_image_auroc" in results:
+      lines += ["", f"{name} (EMA decay {results['ema_decay']:g}): image AUROC "
+                f"{_pct(results[f'{prefix}_image_auroc'])}, pixel AP {_pct(results.get(f'{prefix}_pixel_ap'))}, "
+                f"AUPRO {_pct(results.get(f'{prefix}_aupro'))} (the model above, its thresholds and maps: "
+                f"{model_is})."]
   if "val_pixel_ap" in results:
     lines += ["", f"Synthetic validation at this step: pixel AP {_pct(results['val_pixel_ap'])}, pixel AUROC "
               f"{_pct(results.get('val_pixel_auroc'))}, image AUROC {_pct(results.get('val_image_auroc'))}."]

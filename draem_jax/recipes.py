@@ -40,7 +40,7 @@ BOOKKEEPING_FIELDS = (
 SWITCH_DEFAULTS = {
     "source_resize": "original", "synthesis.empty_mask": "keep", "synthesis.rotate_fill": "black",
     "model.init": "normal_0.02", "ema_decay": 0.0, "loss.weights": (1.0, 1.0, 1.0),
-    "loss.focal_normal_weight": 1.0,
+    "loss.focal_normal_weight": 1.0, "ema_as_model": False,
 }
 # What a run recorded before a field existed trained with, for reading older records (the resume check
 # and ``rundir.load_config``): the switches' original values, and no hold-out split (before it existed
@@ -117,6 +117,9 @@ def mvtec(category: str = "bottle", variants: tuple[str, ...] = ()) -> ml_collec
   c.lr_decay_fractions = (4 / 7, 6 / 7) if paper else (0.8, 0.9)
   c.lr_decay_factor = 0.1 if paper else 0.2
   c.ema_decay = 0.0               # > 0: keep an EMA of the weights, evaluated beside the raw ones; 0 = off
+  # True (needs ema_decay > 0): the EMA weights are the run's model (validation, thresholds, selection,
+  # evaluation, predict, export); the raw weights' metrics are reported beside them instead.
+  c.ema_as_model = False
 
   # The objective (losses.LossConfig): (l2, ssim, focal) weights, and the focal weight of normal pixels.
   c.loss = ml_collections.ConfigDict()
@@ -313,6 +316,11 @@ def validate(config) -> None:
   ema = config.ema_decay
   if isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0 <= ema < 1:
     raise ValueError(f"config.ema_decay={ema!r} must be a number in [0, 1) (0 = no EMA; e.g. 0.99).")
+  if not isinstance(config.ema_as_model, bool):
+    raise ValueError(f"config.ema_as_model={config.ema_as_model!r} must be True or False.")
+  if config.ema_as_model and not ema > 0:
+    raise ValueError("config.ema_as_model=True needs an EMA to use: set config.ema_decay > 0 (e.g. 0.9 "
+                     "for a few hundred steps, 0.999 for a full run).")
   _validate_loss(config)
   if config.mask_rule not in ("reference", "nearest"):
     raise ValueError(f"config.mask_rule={config.mask_rule!r}: use 'reference' or 'nearest'.")

@@ -199,7 +199,9 @@ def restore_model(workdir, config, step: int | None = None, sharding=None):
   """Restores the model of a run: the newest intact checkpoint, or ``step``.
 
   A damaged newest checkpoint is set aside with a warning and the next one is used. ``sharding``: where
-  the variables go (default: replicated over every device of the program).
+  the variables go (default: replicated over every device of the program). With
+  ``config.ema_as_model`` the variables are the checkpoint's EMA weights (such a run writes them into
+  every checkpoint, and cannot be resumed without the switch, so a checkpoint without them is damaged).
 
   Returns:
     ``(model, variables, step)`` with variables ``{"params", "batch_stats"}``.
@@ -211,7 +213,11 @@ def restore_model(workdir, config, step: int | None = None, sharding=None):
     # the layout the run was saved with, whose devices (e.g. another process's) need not exist here.
     sharding = parallel.replicated(parallel.make_mesh())
   abstract = abstract_variables(model, config.image_size, sharding)
-  step, variables, _, _ = checkpointing.restore_intact(path(workdir), abstract, step=step)
+  if config.get("ema_as_model", False):
+    step, _, _, variables = checkpointing.restore_intact(path(workdir), None, step=step,
+                                                         abstract_ema=abstract)
+  else:
+    step, variables, _, _ = checkpointing.restore_intact(path(workdir), abstract, step=step)
   return model, variables, step
 
 

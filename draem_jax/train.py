@@ -281,6 +281,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
           (f"{rates['steps_per_sec']:.2f} steps/s  {rates['images_per_sec']:.1f} img/s  "
            f"ETA {writers.Progress.format_eta(rates['eta_sec'])}") if rates else "(compiling)")
 
+  def served(state) -> dict:
+    """The weights that are the run's model (validated, thresholded, selected): the EMA with
+    config.ema_as_model, else the raw ones."""
+    return state.ema_variables() if config.ema_as_model else state.model_variables()
+
   pending = None
   step = start
   stop = False
@@ -298,9 +303,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
           finish_step(*pending, last=stop)  # never save a state whose loss was not checked
           pending = None
           checkpointing.save(mngr, step, state.model_variables(), state.train_item(), state.ema_variables())
-          validator.run(step, state.model_variables())  # every saved step gets its thresholds
+          validator.run(step, served(state))  # every saved step gets its thresholds
         elif validator.due(step):
-          validator.run(step, state.model_variables())
+          validator.run(step, served(state))
         if stop:
           break
       if pending is not None:

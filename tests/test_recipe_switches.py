@@ -352,7 +352,7 @@ def test_ema_survives_resume_bit_identically_and_is_evaluated(ema_runs):
     assert r["ema_decay"] == DECAY and 0 <= r["ema_pixel_ap"] <= 1
     assert {"ema_image_auroc", "ema_aupro", "image_auroc", "pixel_ap"} <= set(r)
   assert results["A"]["ema_pixel_ap"] == results["B"]["ema_pixel_ap"]
-  assert "EMA weights (decay 0.5)" in (root / "A" / "eval" / "metrics.md").read_text()
+  assert "EMA weights (EMA decay 0.5)" in (root / "A" / "eval" / "metrics.md").read_text()
 
 
 def test_unreadable_ema_weights_leave_the_evaluation_without_ema_metrics(ema_runs, tmp_path, caplog):
@@ -363,7 +363,51 @@ def test_unreadable_ema_weights_leave_the_evaluation_without_ema_metrics(ema_run
   results = evaluate.evaluate_workdir(str(run))
   assert results["step"] == 4 and results["image_auroc"] == ema_runs[1]["A"]["image_auroc"]
   assert not [k for k in results if k.startswith("ema_")]
-  assert "no EMA metrics: EMA weights of" in caplog.text
+  assert "no metrics of the other weights: EMA weights of" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def ema_model_runs(tmp_path_factory):
+  """D: 3 steps with ema_as_model and held-out images; E: the same without ema_as_model."""
+  root = tmp_path_factory.mktemp("ema_model_runs")
+  demo_root = str(root / "demo")
+  results = {}
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(synthesis.augment, "random_augment_one", _stand_in)
+    for run, as_model in (("D", True), ("E", False)):
+      c = _tiny(demo_root, ema_decay=DECAY, ema_as_model=as_model)
+      c.validation.fraction = 0.25
+      results[run] = train.train_and_evaluate(c, str(root / run))
+  return root, results
+
+
+def test_ema_as_model_makes_the_ema_the_evaluated_validated_model(ema_model_runs):
+  root, results = ema_model_runs
+  d, e = results["D"], results["E"]
+  abstract = rundir.abstract_variables(steps.build_model(recipes.tiny()), SIZE)
+  last = d["step"]  # 48 training images (16 held out), batch 16: 3 steps
+  assert last == e["step"] == 3
+  # The switch changes no training: both runs' raw and EMA weights are bit-identical.
+  for item in (lambda r: checkpointing.restore_intact(str(root / r), abstract, step=last)[1],
+               lambda r: checkpointing.restore_ema(str(root / r), last, abstract)):
+    for a, b in zip(jax.tree.leaves(jax.device_get(item("D"))), jax.tree.leaves(jax.device_get(item("E")))):
+      np.testing.assert_array_equal(a, b)
+  # D's model metrics are E's EMA metrics, and D reports the raw weights' beside them.
+  for k in ("image_auroc", "pixel_ap", "aupro", "pixel_auroc"):
+    assert d[k] == e[f"ema_{k}"], k
+    assert d[f"raw_{k}"] == e[k], k
+  assert not [k for k in d if k.startswith("ema_") and k != "ema_decay"]
+  assert "Raw weights (EMA decay 0.5)" in (root / "D" / "eval" / "metrics.md").read_text()
+  # Validation and its thresholds (written by the training loop) are the EMA's: they differ from E's and
+  # equal what evaluation calibrates afresh from the restored model.
+  stored = rundir.read_thresholds(root / "D", last)
+  assert stored["image"] != rundir.read_thresholds(root / "E", last)["image"]
+  assert d["val_pixel_ap"] != e["val_pixel_ap"]
+  (root / "D" / rundir.THRESHOLDS_FILE).unlink()
+  again = evaluate.evaluate_workdir(str(root / "D"), echo=lambda *_: None)
+  assert again["normal_thresholds"]["image"] == pytest.approx(stored["image"], rel=1e-6)
+  assert again["normal_thresholds"]["pixel"] == pytest.approx(stored["pixel"], rel=1e-6)
+  assert again["image_auroc"] == d["image_auroc"]
 
 
 def test_default_run_writes_no_ema(ema_runs):
@@ -425,7 +469,8 @@ def test_recipe_defaults_are_the_original_and_fast_turns_the_switches_on():
     ("source_resize", "area"), ("model.init", "xavier"), ("ema_decay", 1.0), ("ema_decay", -0.1),
     ("ema_decay", True), ("synthesis.empty_mask", "rescale"), ("synthesis.rotate_fill", "white"),
     ("loss.focal_normal_weight", -0.5), ("loss.focal_normal_weight", float("nan")),
-    ("loss.weights", (1.0, 1.0)), ("loss.weights", (0.0, 0.0, 0.0)), ("loss.weights", (1.0, -1.0, 1.0))])
+    ("loss.weights", (1.0, 1.0)), ("loss.weights", (0.0, 0.0, 0.0)), ("loss.weights", (1.0, -1.0, 1.0)),
+    ("ema_as_model", True)])
 def test_validate_names_the_bad_switch(name, value):
   config = recipes.tiny()
   head, _, last = name.rpartition(".")
@@ -469,7 +514,7 @@ def test_run_recorded_before_the_switches_resumes_with_their_defaults(tmp_path):
   for name, value in (("source_resize", "antialias"), ("synthesis.empty_mask", "retry"),
                       ("synthesis.rotate_fill", "edge"), ("model.init", "pytorch_default"),
                       ("ema_decay", 0.9), ("loss.focal_normal_weight", 0.1),
-                      ("loss.weights", (1.0, 1.0, 0.5))):
+                      ("loss.weights", (1.0, 1.0, 0.5)), ("ema_as_model", True)):
     changed = recipes.tiny()
     head, _, last = name.rpartition(".")
     (changed[head] if head else changed)[last] = value
