@@ -30,6 +30,7 @@ from draem_jax import rundir
 from draem_jax import steps
 from draem_jax import synthesis
 from draem_jax import train
+from draem_jax import validation
 from draem_jax.data import folder
 from draem_jax.data import sources
 
@@ -392,6 +393,12 @@ def test_ema_as_model_makes_the_ema_the_evaluated_validated_model(ema_model_runs
                lambda r: checkpointing.restore_ema(str(root / r), last, abstract)):
     for a, b in zip(jax.tree.leaves(jax.device_get(item("D"))), jax.tree.leaves(jax.device_get(item("E")))):
       np.testing.assert_array_equal(a, b)
+  # What predict and export restore (validation.restore_selected) is the EMA item.
+  _, served, step, _ = validation.restore_selected(str(root / "D"), rundir.load_config(root / "D"))
+  assert step == last
+  ema_e = checkpointing.restore_ema(str(root / "E"), last, abstract)
+  for a, b in zip(jax.tree.leaves(jax.device_get(served)), jax.tree.leaves(jax.device_get(ema_e))):
+    np.testing.assert_array_equal(a, b)
   # D's model metrics are E's EMA metrics, and D reports the raw weights' beside them.
   for k in ("image_auroc", "pixel_ap", "aupro", "pixel_auroc"):
     assert d[k] == e[f"ema_{k}"], k
