@@ -302,10 +302,9 @@ def markdown_table(results: dict[str, Any]) -> str:
   for prefix, name, model_is in (("ema", "EMA weights", "the raw weights"),
                                  ("raw", "Raw weights", "the EMA weights (config.ema_as_model)")):
     if f"{prefix}_image_auroc" in results:
-      get = lambda k: _pct(results.get(f"{prefix}_{k}"))  # noqa: E731  pylint: disable=cell-var-from-loop
-      lines += ["", f"{name} (EMA decay {results['ema_decay']:g}): image AUROC {get('image_auroc')}, pixel "
-                f"AP {get('pixel_ap')}, AUPRO {get('aupro')} (the model above, its thresholds and maps: "
-                f"{model_is})."]
+      auroc, ap, aupro = (_pct(results.get(f"{prefix}_{k}")) for k in ("image_auroc", "pixel_ap", "aupro"))
+      lines += ["", f"{name} (EMA decay {results['ema_decay']:g}): image AUROC {auroc}, pixel AP {ap}, "
+                f"AUPRO {aupro} (the model above, its thresholds and maps: {model_is})."]
   if "val_pixel_ap" in results:
     lines += ["", f"Synthetic validation at this step: pixel AP {_pct(results['val_pixel_ap'])}, pixel AUROC "
               f"{_pct(results.get('val_pixel_auroc'))}, image AUROC {_pct(results.get('val_image_auroc'))}."]
