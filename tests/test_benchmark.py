@@ -161,7 +161,9 @@ def test_each_ablation_changes_only_what_its_name_says(tmp_path):
   assert diff("rotate_off") == {"synthesis.rotate_prob": 0.0}
   retry = {"synthesis.rotate_prob": 0.0, "synthesis.empty_mask": "retry"}
   assert diff("rotate_off_retry") == retry
-  assert diff("fast") == diff("fast_focal_normal_0.1") == {**retry, "loss.focal_normal_weight": 0.1}
+  assert diff("fast_focal_normal_0.1") == {**retry, "loss.focal_normal_weight": 0.1}
+  assert diff("fast") == {**diff("fast_focal_normal_0.05"), "ema_decay": 0.9, "ema_as_model": True}
+  assert diff("fast_focal_normal_0.05") == {**retry, "loss.focal_normal_weight": 0.05}
   assert diff("fast_focal_anomalous_only") == {**retry, "loss.focal_normal_weight": 0.0,
                                                "loss.weights": (1.0, 1.0, 0.5)}
   for name in ablations.ABLATIONS:

@@ -457,9 +457,10 @@ def test_recipe_defaults_are_the_original_and_fast_turns_the_switches_on():
   for name, default in recipes.SWITCH_DEFAULTS.items():
     assert _field(base, name) == default, name
   assert fast.synthesis.rotate_prob == 0.0 and fast.synthesis.empty_mask == "retry"
-  assert fast.loss.focal_normal_weight == 0.1
+  assert fast.loss.focal_normal_weight == 0.05 and fast.ema_decay == 0.9 and fast.ema_as_model
   changed = {k for k, v in _flat(fast).items() if v != _flat(base)[k]}
-  assert changed == {"synthesis.rotate_prob", "synthesis.empty_mask", "loss.focal_normal_weight"}
+  assert changed == {"synthesis.rotate_prob", "synthesis.empty_mask", "loss.focal_normal_weight",
+                     "ema_decay", "ema_as_model"}
   recipes.validate(fast)
   paper_fast = recipes.from_argument("bottle,paper,fast")
   assert paper_fast.synthesis.rotate_prob == 0.0 and paper_fast.synthesis.empty_mask == "retry"
@@ -467,7 +468,7 @@ def test_recipe_defaults_are_the_original_and_fast_turns_the_switches_on():
   assert {k for k, v in _flat(paper_fast).items() if v != paper[k]} == changed
   assert recipes.synthesis_config(base) == synthesis.SynthesisConfig()
   assert recipes.loss_config(base) == losses.ORIGINAL_LOSS
-  assert recipes.loss_config(fast) == losses.LossConfig(focal_normal_weight=0.1)
+  assert recipes.loss_config(fast) == losses.LossConfig(focal_normal_weight=0.05)
   with pytest.raises(ValueError, match="known: paper, fast"):
     recipes.from_argument("bottle,faster")
 
