@@ -15,7 +15,7 @@ be overridden, e.g. ``--config.batch_size=16``.
 Expected for ``,fast`` at a short budget only (64 px, widths 32/16, 100 steps at a constant lr 1e-4, four
 PIPED categories x 5 seeds, docs/recipe.md): image AUROC 99.9 +- 0.1, pixel AP 76.8 +- 6.4, AUPRO
 90.1 +- 1.9, against anomalib's 100.0 +- 0.1, 58.8 +- 7.5 and 82.3 +- 3.7 (ahead on pixel AP for every
-seed); on two of them x 2 seeds 100.0 / 78.5 / 90.4 against the original recipe's 89.8 / 18.0 / 61.9.
+seed); on the four x seeds 0-1 the original recipe has 88.3 / 19.4 / 60.2 (fast 100.0 / 77.0 / 89.3).
 No expected numbers for full-size runs.
 
 Recipe: 256x256 images, global batch 8, Adam 1e-4 on both nets, 700 epochs counted in steps
