@@ -48,6 +48,8 @@ def _set(**fields) -> Callable:
 _FAST_V1_FIELDS = dict(source_resize="antialias", synthesis__empty_mask="retry",
                        synthesis__rotate_fill="edge", model__init="pytorch_default")
 _FAST_V1 = _set(**_FAST_V1_FIELDS)
+# Rotation off + retry (fast before the focal weight): the base of the focal-weight ablations.
+_ROTATE_OFF_RETRY = dict(synthesis__rotate_prob=0.0, synthesis__empty_mask="retry")
 
 
 # name -> what it changes relative to the original recipe (docs/recipe.md).
@@ -69,23 +71,19 @@ ABLATIONS: dict[str, Callable] = {
     "fast_v1_rotate_off": _set(**_FAST_V1_FIELDS, synthesis__rotate_prob=0.0),
     # Each of fast's other switches on top of rotation off: which of them helps or hurts without it.
     "rotate_off_antialias": _set(synthesis__rotate_prob=0.0, source_resize="antialias"),
-    "rotate_off_retry": _set(synthesis__rotate_prob=0.0, synthesis__empty_mask="retry"),
+    "rotate_off_retry": _set(**_ROTATE_OFF_RETRY),
     "rotate_off_init_pytorch": _set(synthesis__rotate_prob=0.0, model__init="pytorch_default"),
     # The focal loss's weight on normal pixels, on top of rotate_off_retry (fast before this switch): 0
     # with half the focal weight is what anomalib's DRAEM trains with under kornia >= 0.9
     # (FocalLoss(alpha=1) weights class 0 by 1 - alpha). fast was the 0.1 one, then 0.05 with the EMA.
-    "fast_focal_anomalous_only": _set(synthesis__rotate_prob=0.0, synthesis__empty_mask="retry",
-                                      loss__focal_normal_weight=0.0, loss__weights=(1.0, 1.0, 0.5)),
-    "fast_focal_normal_0.1": _set(synthesis__rotate_prob=0.0, synthesis__empty_mask="retry",
-                                  loss__focal_normal_weight=0.1),
-    "fast_focal_normal_0.3": _set(synthesis__rotate_prob=0.0, synthesis__empty_mask="retry",
-                                  loss__focal_normal_weight=0.3),
+    "fast_focal_anomalous_only": _set(**_ROTATE_OFF_RETRY, loss__focal_normal_weight=0.0,
+                                      loss__weights=(1.0, 1.0, 0.5)),
+    "fast_focal_normal_0.1": _set(**_ROTATE_OFF_RETRY, loss__focal_normal_weight=0.1),
+    "fast_focal_normal_0.3": _set(**_ROTATE_OFF_RETRY, loss__focal_normal_weight=0.3),
     # The focal weight either side of 0.1: did the seed-0 collapse of its pixel AP come from the weight?
     # (0.05 with the EMA as the model is fast now.)
-    "fast_focal_normal_0.05": _set(synthesis__rotate_prob=0.0, synthesis__empty_mask="retry",
-                                   loss__focal_normal_weight=0.05),
-    "fast_focal_normal_0.2": _set(synthesis__rotate_prob=0.0, synthesis__empty_mask="retry",
-                                  loss__focal_normal_weight=0.2),
+    "fast_focal_normal_0.05": _set(**_ROTATE_OFF_RETRY, loss__focal_normal_weight=0.05),
+    "fast_focal_normal_0.2": _set(**_ROTATE_OFF_RETRY, loss__focal_normal_weight=0.2),
 }
 
 
