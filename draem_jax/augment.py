@@ -76,6 +76,19 @@ def _apply_luts(luts: jax.Array, levels: jax.Array) -> jax.Array:
   return jax.vmap(lambda table, lv: table[lv], in_axes=(0, 2), out_axes=2)(luts, levels)
 
 
+def _floor_divide(numerator: jax.Array, divisor: jax.Array) -> jax.Array:
+  """Exact floor division of non-negative integer-valued float32 arrays, numerator + divisor < 2^24.
+
+  XLA:CPU does not vectorize integer division, and where a table feeds a per-pixel lookup it fuses
+  the table into the lookup, so an int32 ``//`` in a table runs once per pixel and costs more than the
+  rest of the augmenter. The float quotient is within one of the true one (XLA may divide through a
+  reciprocal); the two exact integer products correct it.
+  """
+  q = jnp.floor(numerator / divisor)
+  q = jnp.where(q * divisor > numerator, q - 1.0, q)
+  return jnp.where((q + 1.0) * divisor <= numerator, q + 1.0, q)
+
+
 # ------------------------------------------------------------------------------------------------
 # 0. Gamma contrast.
 
@@ -207,6 +220,47 @@ def sharpness(key: jax.Array, image: jax.Array) -> jax.Array:
 # 3. Hue and saturation.
 
 
+def _hue_sextant(rgb: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(..., 3) RGB -> (h6, s, v), each (...,) float32, h6 = hue in sextants (units of 60 degrees).
+
+  h6 is in (-1, 6): the red sector's negative side is left unwrapped, so a caller that shifts the hue
+  wraps once instead of twice. One division per pixel for the hue: on XLA:CPU the three per-branch
+  divisions of the textbook form cost more than everything else here.
+  """
+  rgb = _as_float(rgb)
+  r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+  v = jnp.max(rgb, axis=-1)
+  chroma = v - jnp.min(rgb, axis=-1)
+  s = jnp.where(v > 0, chroma / jnp.where(v > 0, v, 1.0), 0.0)
+  # The first branch that holds wins, as in colorsys: red, then green, then blue is the maximum.
+  is_r, is_g = v == r, v == g
+  numerator = jnp.where(is_r, g - b, jnp.where(is_g, b - r, r - g))
+  offset = jnp.where(is_r, 0.0, jnp.where(is_g, 2.0, 4.0))
+  h6 = jnp.where(chroma > 0, numerator / jnp.where(chroma > 0, chroma, 1.0) + offset, 0.0)
+  return h6, s, v
+
+
+def _wrap6(h6: jax.Array) -> jax.Array:
+  """h6 modulo 6 by floor (cheaper than ``jnp.mod`` on XLA:CPU); the result may round to 6.0, which
+  ``_rgb_from_sextant`` treats as 0."""
+  return h6 - 6.0 * jnp.floor(h6 / 6.0)
+
+
+# Channel n (5 = R, 3 = G, 1 = B) of the closed form of the six-sector table.
+_SECTOR_OF_CHANNEL = (5.0, 3.0, 1.0)
+
+
+def _rgb_from_sextant(h6: jax.Array, s: jax.Array, v: jax.Array) -> jax.Array:
+  """(h6 in [0, 6], s, v), each (...,) -> (..., 3) float32 RGB.
+
+  Channel n falls from v to v (1 - s) as the hue moves away from it. Computed on a trailing axis of 3
+  (one broadcast) rather than three stacked channels: XLA:CPU fuses it into one loop.
+  """
+  k = jnp.asarray(_SECTOR_OF_CHANNEL, jnp.float32).reshape((1,) * h6.ndim + (3,)) + h6[..., None]
+  k = jnp.where(k >= 6.0, k - 6.0, k)
+  return v[..., None] - (v * s)[..., None] * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0)
+
+
 def rgb_to_hsv(rgb: jax.Array) -> jax.Array:
   """RGB -> HSV, all channels in [0, 1] (hue as a fraction of the circle, 0 for greys).
 
@@ -216,17 +270,8 @@ def rgb_to_hsv(rgb: jax.Array) -> jax.Array:
   Returns:
     (..., 3) float32 array (h, s, v), h in [0, 1).
   """
-  rgb = _as_float(rgb)
-  r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-  v = jnp.max(rgb, axis=-1)
-  chroma = v - jnp.min(rgb, axis=-1)
-  s = jnp.where(v > 0, chroma / jnp.where(v > 0, v, 1.0), 0.0)
-  safe = jnp.where(chroma > 0, chroma, 1.0)
-  # Sector of the hexcone, in units of 60 degrees; the first branch that holds wins, as in colorsys.
-  h6 = jnp.where(v == r, jnp.mod((g - b) / safe, 6.0),
-                 jnp.where(v == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0))
-  h = jnp.where(chroma > 0, h6 / 6.0, 0.0)
-  return jnp.stack([jnp.mod(h, 1.0), s, v], axis=-1)
+  h6, s, v = _hue_sextant(rgb)
+  return jnp.stack([jnp.mod(h6 / 6.0, 1.0), s, v], axis=-1)
 
 
 def hsv_to_rgb(hsv: jax.Array) -> jax.Array:
@@ -239,16 +284,7 @@ def hsv_to_rgb(hsv: jax.Array) -> jax.Array:
     (..., 3) float32 RGB array.
   """
   hsv = _as_float(hsv)
-  h6 = jnp.mod(hsv[..., 0], 1.0) * 6.0
-  s, v = hsv[..., 1], hsv[..., 2]
-
-  # Closed form of the six-sector table: channel n (5 = R, 3 = G, 1 = B) falls from v to v (1 - s) as
-  # the hue moves away from it. Elementwise, so it stays cheap under vmap.
-  def channel(n):
-    k = jnp.mod(n + h6, 6.0)
-    return v - v * s * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0)
-
-  return jnp.stack([channel(5.0), channel(3.0), channel(1.0)], axis=-1)
+  return _rgb_from_sextant(_wrap6(hsv[..., 0] * 6.0), hsv[..., 1], hsv[..., 2])
 
 
 def hue_saturation_shift(image: jax.Array, hue: jax.Array | float,
@@ -264,10 +300,10 @@ def hue_saturation_shift(image: jax.Array, hue: jax.Array | float,
     (H, W, 3) image, dtype of ``image``, clipped to [0, 1].
   """
   _check_image(image, "hue_saturation_shift")
-  hsv = rgb_to_hsv(jnp.clip(_as_float(image), 0.0, 1.0))
-  h = jnp.mod(hsv[..., 0] + jnp.asarray(hue, jnp.float32), 1.0)
-  s = jnp.clip(hsv[..., 1] + jnp.asarray(saturation, jnp.float32), 0.0, 1.0)
-  return _finish(hsv_to_rgb(jnp.stack([h, s, hsv[..., 2]], axis=-1)), image)
+  h6, s, v = _hue_sextant(jnp.clip(_as_float(image), 0.0, 1.0))
+  h6 = _wrap6(h6 + 6.0 * jnp.asarray(hue, jnp.float32))
+  s = jnp.clip(s + jnp.asarray(saturation, jnp.float32), 0.0, 1.0)
+  return _finish(_rgb_from_sextant(h6, s, v), image)
 
 
 def hue_saturation(key: jax.Array, image: jax.Array) -> jax.Array:
@@ -434,11 +470,13 @@ def autocontrast_cutoff(image: jax.Array, cutoff: jax.Array | int) -> jax.Array:
   above = n - (inclusive - hist)  # pixels at or above each level
   lo = jnp.sum(inclusive <= cut, axis=-1)
   hi = jnp.sum(above > cut, axis=-1) - 1
-  v = jnp.arange(_LEVELS, dtype=jnp.int32)[None, :]
-  span = jnp.maximum(hi - lo, 1)[:, None]
-  stretched = jnp.clip(((v - lo[:, None]) * 255) // span, 0, 255)
-  luts = jnp.where((hi > lo)[:, None], stretched, v)
-  return _finish(_from_levels(_apply_luts(luts, levels)), image)
+  # The map is applied per pixel (no table lookup): see _floor_divide.
+  values = levels.astype(jnp.float32)
+  span = jnp.maximum(hi - lo, 1).astype(jnp.float32).reshape(1, 1, 3)
+  offset = jnp.maximum(values - lo.astype(jnp.float32).reshape(1, 1, 3), 0.0)
+  stretched = jnp.minimum(_floor_divide(offset * 255.0, span), 255.0)
+  out = jnp.where((hi > lo).reshape(1, 1, 3), stretched, values)
+  return _finish(out / 255.0, image)
 
 
 def autocontrast(key: jax.Array, image: jax.Array) -> jax.Array:
@@ -481,10 +519,11 @@ def equalize_image(image: jax.Array) -> jax.Array:
   step = (n - top_count) // 255
   below = jnp.cumsum(hist, axis=-1) - hist
   safe_step = jnp.maximum(step, 1)[:, None]
-  mapped = jnp.clip((safe_step // 2 + below) // safe_step, 0, 255)
+  mapped = _floor_divide((safe_step // 2 + below).astype(jnp.float32), safe_step.astype(jnp.float32))
   keep = (jnp.sum(occupied, axis=-1) <= 1) | (step == 0)
-  luts = jnp.where(keep[:, None], jnp.arange(_LEVELS, dtype=jnp.int32)[None, :], mapped)
-  return _finish(_from_levels(_apply_luts(luts, levels)), image)
+  luts = jnp.where(keep[:, None], jnp.arange(_LEVELS, dtype=jnp.float32)[None, :],
+                   jnp.clip(mapped, 0.0, 255.0))
+  return _finish(_apply_luts(luts / 255.0, levels), image)
 
 
 def equalize(key: jax.Array, image: jax.Array) -> jax.Array:

@@ -321,3 +321,20 @@ def test_bad_input_raises():
     augment.posterize_bits(img, 9)
   with pytest.raises(ValueError, match="num_ops"):
     augment.random_augment_one(key, img, num_ops=11)
+
+
+def test_floor_divide_is_exact_integer_division():
+  # Against int64 //. The divisor is broadcast, as in the augmenters: XLA then multiplies by its
+  # reciprocal, and a plain floor(a / b) misses 74 of autocontrast's 256 x 255 (offset, span) pairs.
+  offset = np.arange(256, dtype=np.int64)[:, None]
+  span = np.arange(1, 256, dtype=np.int64)[None, :]
+  fn = jax.jit(lambda a, b: augment._floor_divide(a * 255.0, b))
+  got = np.asarray(fn(jnp.asarray(offset, jnp.float32), jnp.asarray(span, jnp.float32)))
+  np.testing.assert_array_equal(got.astype(np.int64), offset * 255 // span)
+  # Equalize-sized numerators (up to a 4096 x 4096 image) over every step such an image can have.
+  rng = np.random.default_rng(0)
+  num = rng.integers(0, 2**24 - 70000, (4000, 1))
+  den = rng.integers(1, 65794, (1, 50))
+  got = np.asarray(jax.jit(augment._floor_divide)(jnp.asarray(num, jnp.float32),
+                                                  jnp.asarray(den, jnp.float32)))
+  np.testing.assert_array_equal(got.astype(np.int64), num // den)

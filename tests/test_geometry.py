@@ -67,3 +67,18 @@ def test_rotate_direction_and_identity():
   np.testing.assert_allclose(np.asarray(geometry.rotate(image, 90.0))[0, 4], 1.0, atol=1e-6)
   np.testing.assert_array_equal(np.asarray(geometry.rotate(image, 0.0)), image)
   assert geometry.rotate(image.astype(jnp.bfloat16), 30.0).dtype == jnp.bfloat16
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("mode, scipy_mode", [("edge", "nearest"), ("reflect", "reflect")])
+def test_rotate_border_modes_match_scipy(mode, scipy_mode):
+  # Far corners included: at 45 degrees a corner's source lies ~0.2 image sizes outside, and the
+  # reflection must fold such indices back (period 2 * size), not just clamp them.
+  rng = np.random.default_rng(2)
+  image = rng.random((29, 40, 3)).astype(np.float32)
+  for degrees in (45.0, -120.0, 17.3):
+    got = np.asarray(geometry.rotate(image, degrees, mode=mode))
+    for c in range(3):
+      want = scipy.ndimage.rotate(image[..., c].astype(np.float64), -degrees, reshape=False, order=1,
+                                  mode=scipy_mode, prefilter=False)
+      np.testing.assert_allclose(got[..., c], want, rtol=0, atol=1e-5, err_msg=f"{mode} {degrees}")
