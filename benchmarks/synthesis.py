@@ -30,7 +30,10 @@ def _per_part(config, size: int, batch: int = 8) -> list[dict[str, Any]]:
       ("Perlin mask (incl. its rotation)", lambda k, x: jax.lax.map(
           lambda kk: noise.perlin_mask(kk, (size, size), threshold=0.5, max_log2_res=6,
                                        rotate_degrees=90.0), k)),
-      ("normal-image rotation", lambda k, x: jax.lax.map(lambda a: geometry.rotate(a, 33.0), x)),
+      # A traced angle, as in training: a constant one lets XLA fold the sampling coordinates.
+      ("normal-image rotation", lambda k, x: jax.lax.map(
+          lambda a: geometry.rotate(a[1], jax.random.uniform(a[0], (), minval=-45.0, maxval=45.0)),
+          (k, x))),
       ("3 random augmenters", lambda k, x: augment.random_augment(k[0], x, sequential=True)),
       ("whole synthesis (50 % anomalies, 30 % rotated)",
        lambda k, x: synthesis.synthesize(k[0], x, sources)),
