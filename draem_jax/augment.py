@@ -104,9 +104,13 @@ def gamma_power(image: jax.Array, gamma: jax.Array | float) -> jax.Array:
     (H, W, 3) image, dtype of ``image``, clipped to [0, 1].
   """
   _check_image(image, "gamma_power")
-  gamma = jnp.broadcast_to(jnp.asarray(gamma, jnp.float32), (3,))
+  gamma = jnp.broadcast_to(jnp.asarray(gamma, jnp.float32), (3,)).reshape(1, 1, 3)
   x = jnp.clip(_as_float(image), 0.0, 1.0)
-  return _finish(jnp.power(x, gamma.reshape(1, 1, 3)), image)
+  # exp(gamma log x): XLA:CPU runs a float ``power`` as a scalar call per element, ~6x slower than its
+  # vectorized exp and log (within 2e-6 relative of it). Zeros take pow(0, gamma) (0 for gamma > 0).
+  positive = x > 0
+  powered = jnp.exp(gamma * jnp.log(jnp.where(positive, x, 1.0)))
+  return _finish(jnp.where(positive, powered, jnp.power(jnp.float32(0.0), gamma)), image)
 
 
 def gamma_contrast(key: jax.Array, image: jax.Array) -> jax.Array:
@@ -301,7 +305,9 @@ def hue_saturation_shift(image: jax.Array, hue: jax.Array | float,
   """
   _check_image(image, "hue_saturation_shift")
   h6, s, v = _hue_sextant(jnp.clip(_as_float(image), 0.0, 1.0))
-  h6 = _wrap6(h6 + 6.0 * jnp.asarray(hue, jnp.float32))
+  # The offset is wrapped once as a scalar, so each pixel's h6 + offset in (-1, 12) needs two selects.
+  h6 = h6 + _wrap6(6.0 * jnp.asarray(hue, jnp.float32))
+  h6 = jnp.where(h6 >= 6.0, h6 - 6.0, jnp.where(h6 < 0.0, h6 + 6.0, h6))
   s = jnp.clip(s + jnp.asarray(saturation, jnp.float32), 0.0, 1.0)
   return _finish(_rgb_from_sextant(h6, s, v), image)
 
