@@ -216,8 +216,8 @@ def test_an_unexpected_error_in_a_multi_process_run_ends_the_process_at_once(mon
 def test_initializer_compiled_at_a_lower_level_gives_the_same_weights():
   # train.compile_initializer trades LLVM optimisation for compile time; the weights must not change
   # (a different bit would change every run's trajectory). Level 0 is the counter-example: it skips
-  # HLO simplifications and changes 216 of these 701 leaves (seen when this test was written; not
-  # rerun here, each compilation of this initialiser takes ~25 s), so this comparison can fail.
+  # HLO simplifications and changed 216 of these leaves when this test was written (not
+  # rerun here: each compilation of this initialiser takes ~25 s), so this comparison can fail.
   config = recipes.tiny()
   model = steps.build_model(config)
   tx = steps.make_optimizer(steps.learning_rate_schedule(config, 64))
