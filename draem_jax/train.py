@@ -154,32 +154,15 @@ class _Preemption:
 # Training.
 # ----------------------------------------------------------------------------------------------------
 
-# XLA compiler options for the initialiser on CPU. It runs once, but with a cold compilation cache its
-# compilation (~300 PRNG loops for ~200 parameter tensors) is a short run's longest: for the demo's model
-# 25.7 s at XLA's default backend optimisation level (3) against 17.5 s at 1, alone on a 2-core machine,
-# with bit-identical weights (tests/test_train.py). Level 0 compiles in 12 s but changes the last bit of
-# some weights (it skips HLO simplifications), which moved the demo's image AUROC over seeds 0-2 from
-# 0.968 / 0.986 / 0.995 to 0.946 / 0.896 / 0.958.
-INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
-
-
-def compile_initializer(init_fn, seed_key):
-  """``init_fn`` (jitted) compiled for ``seed_key``; on CPU with ``INIT_COMPILER_OPTIONS``.
-
-  Left to JAX's settings where ``jax_disable_most_optimizations`` is on (the test suite), which
-  compiles everything at level 0 already.
-  """
-  options = None
-  if jax.default_backend() == "cpu" and not jax.config.read("jax_disable_most_optimizations"):
-    options = INIT_COMPILER_OPTIONS
-  return init_fn.lower(seed_key).compile(compiler_options=options)
-
-
 def _initial_state(status: str, workdir, init_fn, seed_key, abstract, ema_decay: float,
                    total_steps: int) -> tuple[steps.TrainState, int]:
   """(state, start step): the newest intact checkpoint's when resuming, else ``init_fn(seed_key)``."""
   if status != "resume":
-    return compile_initializer(init_fn, seed_key)(seed_key), 0
+    # Compiled with XLA's default optimisations although it runs once: without them it compiles ~2.5x
+    # faster on CPU, but some initial weights differ in the last bit, enough to move the demo's image
+    # AUROC over seeds 0-2 from 0.968 / 0.986 / 0.995 to 0.946 / 0.896 / 0.958. XLA backend level 1
+    # (25.7 -> 17.5 s for the demo's model) kept every bit with jax 0.10.2 but not with jax 0.12.
+    return init_fn(seed_key), 0
   try:  # a checkpoint whose EMA item is damaged falls back like one with a damaged model
     start, model_vars, train_item, ema_vars = checkpointing.restore_intact(
         workdir, checkpointing.abstract_like(abstract.model_variables()),
