@@ -8,9 +8,8 @@ import jax.numpy as jnp
 
 # What rotated-in pixels (whose source lies outside the image) become: "constant" takes ``fill`` (the
 # original's black corners), "edge" repeats the nearest border pixel, "reflect" mirrors the image about
-# its border (edge pixel repeated: ``d c b a | a b c d``, OpenCV's BORDER_REFLECT). Values: the same
-# modes' names in scipy.ndimage, which the tests compare with.
-FILL_MODES = {"constant": "grid-constant", "edge": "nearest", "reflect": "reflect"}
+# its border (edge pixel repeated: ``d c b a | a b c d``, OpenCV's BORDER_REFLECT).
+FILL_MODES = ("constant", "edge", "reflect")
 
 
 def rotate(image: jax.Array, degrees: jax.Array | float, fill: float = 0.0,
@@ -26,7 +25,7 @@ def rotate(image: jax.Array, degrees: jax.Array | float, fill: float = 0.0,
     image: (H, W) or (H, W, C) float array.
     degrees: scalar rotation angle in degrees (may be traced).
     fill: value for pixels rotated in from outside (``mode="constant"`` only).
-    mode: static, a key of ``FILL_MODES``; "constant" is imgaug's (and DRAEM's) behaviour.
+    mode: static, one of ``FILL_MODES``; "constant" is imgaug's (and DRAEM's) behaviour.
 
   Returns:
     Array with the shape and dtype of ``image``.
@@ -72,7 +71,7 @@ def _sample_rotated(image: jax.Array, theta: jax.Array, fill: float, mode: str) 
 
 
 def _border_index(index: jax.Array, size: int, mode: str) -> jax.Array:
-  """int32 indices (any shape) -> indices in [0, size) for ``mode`` (a key of ``FILL_MODES``).
+  """int32 indices (any shape) -> indices in [0, size) for ``mode`` (one of ``FILL_MODES``).
 
   "constant" and "edge" clamp (a clamped "constant" tap is then replaced by the fill); "reflect"
   mirrors with period 2 * size, the edge pixel repeated (``d c b a | a b c d``).
