@@ -25,6 +25,7 @@ rule supports reverse mode only; ``weight_grad="native"`` gives forward-mode and
 """
 
 import functools
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -33,11 +34,44 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from draem_jax import prng
+
 Initializer = Callable[..., jax.Array]
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+
+
+def normal_init(stddev: float) -> Initializer:
+  """N(0, stddev^2): the values of ``nn.initializers.normal(stddev)``, drawn flat (``prng.draw_flat``:
+  the same numbers, compiled ~10x faster on the CPU for a rank-4 kernel).
+
+  Returns:
+    A flax initializer ``(key, shape, dtype) -> array`` of ``shape`` and ``dtype`` (default float32).
+  """
+
+  def init(key, shape, dtype=jnp.float32):
+    return prng.draw_flat(jax.random.normal, key, shape, dtype) * jnp.array(stddev, dtype)
+
+  return init
+
+
+def torch_default_kernel_init(key, shape, dtype=jnp.float32):
+  """PyTorch's default conv-weight init, kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)), fan_in = kh kw Cin.
+
+  The values of ``nn.initializers.variance_scaling(1/3, "fan_in", "uniform")`` for an HWIO kernel (its
+  arithmetic, step for step), drawn flat (``prng.draw_flat``).
+
+  Args:
+    key: typed PRNG key.
+    shape: (kh, kw, Cin, Cout).
+    dtype: float dtype of the kernel.
+  """
+  variance = jnp.array((1.0 / 3.0) / math.prod(shape[:-1]), dtype=dtype)
+  return prng.draw_flat(jax.random.uniform, key, shape, dtype, -1) * jnp.sqrt(3 * variance)
+
+
 # DRAEM's init (VitjanZ/DRAEM train_DRAEM.py L14-20): conv weights ~ N(0, 0.02).
-DEFAULT_KERNEL_INIT: Initializer = nn.initializers.normal(stddev=0.02)
+DEFAULT_KERNEL_INIT: Initializer = normal_init(0.02)
 WEIGHT_GRAD_METHODS = ("native", "taps", "im2col")
 
 # (rows = N * H * W, Cin, Cout) -> fastest weight gradient, forward + backward of one conv on 2 shared

@@ -173,10 +173,10 @@ def init_factories(init: str, conv: ModuleDef, width: int, original_width: int,
   if init == "pytorch_default":
     # variance 1 / (3 fan_in) uniform = U(+-1/sqrt(fan_in)) = kaiming_uniform(a=sqrt(5)); fan_in from
     # HWIO is 3 * 3 * Cin, as torch's.
-    kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+    kernel_init = conv_lib.torch_default_kernel_init
     return functools.partial(conv, kernel_init=kernel_init), functools.partial(norm, scale_init=_ones)
   if init == "width_scaled":
-    kernel_init = nn.initializers.normal(stddev=0.02 * float(np.sqrt(original_width / width)))
+    kernel_init = conv_lib.normal_init(0.02 * float(np.sqrt(original_width / width)))
     return functools.partial(conv, kernel_init=kernel_init), norm
   raise ValueError(f"init must be one of {INITS}, got {init!r}")
 

@@ -132,7 +132,8 @@ def perlin(key: jax.Array, shape: Sequence[int], res: Sequence[int]) -> jax.Arra
   """
   if len(res) != 2 or any(not isinstance(r, int) or r < 1 for r in res):
     raise ValueError(f"res must be two positive Python ints (r0, r1), got {res!r}")
-  angles = jax.random.uniform(key, (res[0] + 1, res[1] + 1), jnp.float32, 0.0, 2.0 * math.pi)
+  angles = prng.draw_flat(jax.random.uniform, key, (res[0] + 1, res[1] + 1), jnp.float32, 0.0,
+                          2.0 * math.pi)
   return perlin_from_angles(angles, shape)
 
 
@@ -161,7 +162,9 @@ def perlin_mask_noise(key: jax.Array, shape: Sequence[int], *, max_log2_res: int
   res = jnp.left_shift(jnp.int32(1), log2_res)
   # One fixed-size angle table for every resolution; the unused corners cost nothing noticeable.
   max_res = 2 ** (max_log2_res - 1)
-  angles = jax.random.uniform(k_angles, (max_res + 1, max_res + 1), jnp.float32, 0.0, 2.0 * math.pi)
+  # Drawn flat: the same values, half the compile time of a 2-D draw on the CPU (prng.draw_flat).
+  angles = prng.draw_flat(jax.random.uniform, k_angles, (max_res + 1, max_res + 1), jnp.float32, 0.0,
+                          2.0 * math.pi)
   noise = perlin_from_angles(angles, shape, res)
   if rotate_degrees != 0:
     degrees = jax.random.uniform(k_rot, (), jnp.float32, -rotate_degrees, rotate_degrees)
