@@ -15,6 +15,7 @@ file unless ``--overwrite``), prints one JSON summary line and the Markdown tabl
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -31,10 +32,14 @@ from benchmarks import sections
 
 _CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.py")
 if __name__ == "__main__":
-  # --quick means --config=benchmarks/config.py:quick. Rewritten before the flag is defined: config_flags
-  # reads sys.argv when it defines the flag (to find --config.FIELD overrides).
+  # --quick means --config=benchmarks/config.py:quick, and no --config means benchmarks/config.py: the
+  # file is named on the command line rather than as the flag's default, because config_flags loads a
+  # default (and applies the --config.FIELD overrides to it) when the flag is defined, where a misspelt
+  # field would be a traceback instead of parse_flags' one line.
   sys.argv = [f"--config={_CONFIG_FILE}:quick" if a == "--quick" else a for a in sys.argv]
-_CONFIG = config_flags.DEFINE_config_file("config", _CONFIG_FILE,
+  if not any(a == "--config" or a.startswith("--config=") for a in sys.argv[1:]):
+    sys.argv.insert(1, f"--config={_CONFIG_FILE}")
+_CONFIG = config_flags.DEFINE_config_file("config", None,
                                           "Benchmark settings (benchmarks/config.py[:preset]).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing config.output file.")
 
@@ -115,4 +120,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from draem_jax import writers  # pylint: disable=g-import-not-at-top
+  app.run(main, flags_parser=functools.partial(writers.parse_flags, known_config=config_lib.get_config))

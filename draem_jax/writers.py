@@ -13,7 +13,7 @@ import logging as logging_std
 import math
 import os
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from absl import app
 from absl import flags
@@ -163,27 +163,35 @@ def one_line(e: BaseException) -> str:
   return " ".join(str(e).split()) or type(e).__name__
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing where a bad flag or config override is one line, not a traceback."""
+def parse_flags(argv: list[str], known_config: Callable[[], Any] | None = None) -> list[str]:
+  """absl flag parsing where a bad flag or config override is one line, not a traceback.
+
+  ``known_config`` returns a config holding every field ``--config.FIELD`` may name (suggestions for a
+  misspelt one); default: ``recipes.mvtec()``, a superset of every recipe's fields. For ``app.run``'s
+  ``flags_parser``, bind it with ``functools.partial``.
+  """
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
     raise SystemExit(f"error: {one_line(e)} (see --help)") from None
   except Exception as e:  # pylint: disable=broad-except  (config files and overrides raise anything)
     cause = e.__cause__ or e
-    unknown = _unknown_config_override(argv, cause)
+    unknown = _unknown_config_override(argv, cause, known_config)
     if unknown:
       raise SystemExit(f"error: {unknown}") from None
     raise SystemExit(f"error: {type(cause).__name__}: {one_line(cause)}") from None
 
 
-def _unknown_config_override(argv: list[str], e: BaseException) -> str | None:
+def _unknown_config_override(argv: list[str], e: BaseException,
+                             known_config: Callable[[], Any] | None) -> str | None:
   """For ``--config.no_such=1``: the field named, with the closest known fields."""
   if not isinstance(e, (AttributeError, KeyError)):
     return None
   import difflib  # only on this error path
-  from draem_jax import recipes  # a superset of every recipe's fields
-  known = _dotted_keys(recipes.mvtec())
+  if known_config is None:
+    from draem_jax import recipes  # a superset of every recipe's fields
+    known_config = recipes.mvtec
+  known = _dotted_keys(known_config())
   for arg in argv[1:]:
     if arg.startswith("--config."):
       field = arg[len("--config."):].split("=", 1)[0]
@@ -221,4 +229,4 @@ def run_program(main) -> None:
   """``absl.app.run(main)`` with one-line errors for bad flags and config overrides, and the
   persistent compilation cache on."""
   enable_compilation_cache()
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=parse_flags)

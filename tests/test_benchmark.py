@@ -7,6 +7,10 @@ that ratios are absent with a reason when anomalib is not used.
 
 import json
 import math
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -125,6 +129,21 @@ def test_cli_refuses_to_overwrite(tmp_path, monkeypatch):
   with pytest.raises(SystemExit, match="exists; pass --overwrite"):
     run.main(["run"])
   assert existing.read_text() == "{}"
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["--config.repeat=2"], "error: --config.repeat: the config has no field 'repeat'; did you mean "
+                            "--config.repeats"),
+    (["--quick", "--config.sections=trian"], "error: config.sections: unknown ['trian']"),
+])
+def test_cli_bad_config_is_one_line(argv, line):
+  # A subprocess: config_flags reads sys.argv when the flag is defined, at import of benchmarks.run.
+  repo = pathlib.Path(__file__).resolve().parent.parent
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.run", *argv], cwd=repo, capture_output=True,
+                        text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(repo)})
+  assert proc.returncode != 0
+  assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith(line), proc.stderr[-2000:]
 
 
 def _flat(c) -> dict:
