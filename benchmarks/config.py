@@ -105,7 +105,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     c.accelerator.dtypes = ("bfloat16",)
     c.accelerator.scaling_devices = 2
     c.accelerator.batch_sizes = (2,)
-    c.accelerator.max_batch_limit = 4
+    c.accelerator.max_batch_limit = 2  # the "largest" row reuses batch 2's programs: ~25 s less compiling
     c.accelerator.infer_batch = 2
     c.accelerator.repeats = 1
   return c
