@@ -12,7 +12,7 @@ normal-image rotation.
 
 Expected result with the default seed 0: image AUROC 0.961, pixel AP 0.501 on the demo's test split (20
 good, 40 defective images, so one image moves image AUROC by up to 2.5 points), identical in reruns
-(jax 0.10.2, measured 2026-12-02); the README's quick start gives the wall time. Measured a day earlier
+(jax 0.10.2, measured 2026-12-02 and again, cold and warm, 2026-12-03); the README's quick start gives the wall time. Measured a day earlier
 (before the kernels were drawn flat, which keeps the weights bit for bit, and under the package versions
 installed then): 0.9375 / 0.485 for seed 0, and over seeds 0-5 0.9375, 0.985, 0.9675, 0.964, 0.940,
 0.979 (mean 0.962; pixel AP 0.46-0.49; seeds 1-5 run in process with one XLA thread). The spread is
