@@ -1,4 +1,4 @@
-r"""Measures ``draem_jax.conv.CPU_WEIGHT_GRAD_TABLE`` again on the machine at hand.
+r"""Measures this CPU's table of ``draem_jax.conv.CPU_WEIGHT_GRAD_TABLES`` again on the machine at hand.
 
 For every 3x3 conv layer of DRAEM at the given image size and widths (shapes recorded while tracing the
 model), times forward + backward of that one convolution with each weight-gradient method ("native",
@@ -7,7 +7,7 @@ model), times forward + backward of that one convolution with each weight-gradie
   python -m benchmarks.conv_table                                  # widths 16/16 at 128 px, batch 8
   python -m benchmarks.conv_table --size=64 --widths=128,64 --repeats=5
 
-Paste the printed entries into ``CPU_WEIGHT_GRAD_TABLE`` (draem_jax/conv.py) when they disagree with it.
+Paste the printed entries into that table (``conv.cpu_table_name()`` says which) when they disagree with it.
 Run it on an idle machine: the winners differ by tens of per cent, which a busy core hides.
 """
 
@@ -66,9 +66,11 @@ def main(argv):
   if len(widths) != 2 or _SIZE.value % 32 or min(widths) < 1:
     raise SystemExit("error: --widths takes two positive integers and --size a multiple of 32")
   from benchmarks import harness  # pylint: disable=g-import-not-at-top
+  from draem_jax import conv as conv_lib  # pylint: disable=g-import-not-at-top
   harness.configure_process(_THREADS.value, 1)
   rows = measure(_SIZE.value, *widths, _BATCH.value, _REPEATS.value)
-  print(f"load average {os.getloadavg()}; fwd+bwd of one conv, ms (median of {_REPEATS.value})")
+  print(f"load average {os.getloadavg()}; fwd+bwd of one conv, ms (median of {_REPEATS.value}); "
+        f"table {conv_lib.cpu_table_name()!r}")
   print("| rows | Cin | Cout | " + " | ".join(rows[0]["median_s"]) + " | fastest | table says |")
   print("|---|---|---|" + "---|" * len(rows[0]["median_s"]) + "---|---|")
   for r in rows:

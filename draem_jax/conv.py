@@ -8,8 +8,8 @@ per tap (i, j):
     dW[i, j] = pad(x)[:, i:i+H, j:j+W, :].reshape(-1, Cin).T @ dy.reshape(-1, Cout),
 
 which XLA's CPU matmul runs near peak. ``conv3x3`` computes the forward and the input gradient with XLA's
-own convolutions and, on CPU, picks the weight gradient for each layer shape from ``CPU_WEIGHT_GRAD_TABLE``
-(measured: the entry nearest in (rows, Cin, Cout) on a log scale wins):
+own convolutions and, on CPU, picks the weight gradient for each layer shape from this CPU's table in
+``CPU_WEIGHT_GRAD_TABLES`` (measured: the entry nearest in (rows, Cin, Cout) on a log scale wins):
 
 * ``"native"``: XLA's weight-gradient convolution (fastest at small and medium widths, e.g. 16-64
   channels at 64-128 px);
@@ -26,6 +26,7 @@ rule supports reverse mode only; ``weight_grad="native"`` gives forward-mode and
 
 import functools
 import math
+import os
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -78,31 +79,100 @@ def torch_default_kernel_init(key, shape, dtype=jnp.float32):
 DEFAULT_KERNEL_INIT: Initializer = normal_init(0.02)
 WEIGHT_GRAD_METHODS = ("native", "taps", "im2col")
 
-# (rows = N * H * W, Cin, Cout) -> fastest weight gradient, forward + backward of one conv on 2 shared
-# x86-64 cores (AVX-512), batch 8, medians of interleaved repeats (``python -m benchmarks.conv_table``).
-# The shapes are DRAEM's layers at widths 16/16 (128 px) and 128/64 (64 px).
-CPU_WEIGHT_GRAD_TABLE: tuple[tuple[tuple[int, int, int], str], ...] = (
-    # widths 16/16 at 128x128: XLA's own wins up to 128 channels.
-    ((131072, 3, 16), "native"), ((131072, 16, 16), "native"), ((131072, 32, 16), "native"),
-    ((131072, 16, 2), "native"), ((32768, 16, 32), "native"), ((32768, 32, 32), "native"),
-    ((32768, 64, 32), "native"), ((8192, 32, 64), "native"), ((8192, 64, 64), "native"),
-    ((2048, 64, 128), "im2col"), ((2048, 128, 128), "im2col"), ((512, 128, 128), "native"),
-    # widths 128/64 at 64x64.
-    ((32768, 3, 128), "im2col"), ((32768, 128, 128), "taps"), ((32768, 128, 3), "im2col"),
-    ((8192, 128, 256), "taps"), ((8192, 256, 256), "taps"), ((8192, 256, 128), "taps"),
-    ((2048, 256, 512), "taps"), ((2048, 512, 512), "taps"), ((512, 512, 1024), "im2col"),
-    ((512, 1024, 1024), "taps"), ((128, 1024, 1024), "taps"), ((32768, 6, 64), "im2col"),
-    ((32768, 64, 64), "native"), ((32768, 128, 64), "taps"), ((32768, 64, 2), "im2col"),
-    ((8192, 192, 64), "native"), ((2048, 384, 128), "im2col"), ((512, 768, 256), "im2col"),
-    ((128, 1024, 512), "im2col"),
-)
+# (rows = N * H * W, Cin, Cout) -> fastest weight gradient, forward + backward of one conv, batch 8, medians
+# of interleaved repeats (``python -m benchmarks.conv_table``), one table per kind of x86-64 core: the
+# winners differ between them (docs/performance.md). The shapes are DRAEM's layers at the benchmark's
+# train sizes.
+_WeightGradTable = tuple[tuple[tuple[int, int, int], str], ...]
+CPU_WEIGHT_GRAD_TABLES: dict[str, _WeightGradTable] = {
+    # 2 shared Intel Xeon cores with AVX-512; widths 16/16 at 128 px and 128/64 at 64 px.
+    "avx512": (
+        # widths 16/16 at 128x128: XLA's own wins up to 128 channels.
+        ((131072, 3, 16), "native"), ((131072, 16, 16), "native"), ((131072, 32, 16), "native"),
+        ((131072, 16, 2), "native"), ((32768, 16, 32), "native"), ((32768, 32, 32), "native"),
+        ((32768, 64, 32), "native"), ((8192, 32, 64), "native"), ((8192, 64, 64), "native"),
+        ((2048, 64, 128), "im2col"), ((2048, 128, 128), "im2col"), ((512, 128, 128), "native"),
+        # widths 128/64 at 64x64.
+        ((32768, 3, 128), "im2col"), ((32768, 128, 128), "taps"), ((32768, 128, 3), "im2col"),
+        ((8192, 128, 256), "taps"), ((8192, 256, 256), "taps"), ((8192, 256, 128), "taps"),
+        ((2048, 256, 512), "taps"), ((2048, 512, 512), "taps"), ((512, 512, 1024), "im2col"),
+        ((512, 1024, 1024), "taps"), ((128, 1024, 1024), "taps"), ((32768, 6, 64), "im2col"),
+        ((32768, 64, 64), "native"), ((32768, 128, 64), "taps"), ((32768, 64, 2), "im2col"),
+        ((8192, 192, 64), "native"), ((2048, 384, 128), "im2col"), ((512, 768, 256), "im2col"),
+        ((128, 1024, 512), "im2col"),
+    ),
+    # 2 idle AMD EPYC cores without AVX-512 (AVX2); widths 16/16 and 32/16 at 64 and 128 px, 128/64 at 64 px
+    # (geometric mean where a shape occurs in several). The GEMMs beat XLA's own weight gradient at most
+    # shapes here: the train step is 1.03-1.40x faster with this table than with the "avx512" one.
+    "avx2": (
+        ((131072, 32, 32), "taps"), ((131072, 32, 16), "taps"), ((131072, 32, 3), "im2col"),
+        ((131072, 16, 16), "taps"), ((131072, 16, 3), "taps"), ((131072, 16, 2), "taps"),
+        ((131072, 6, 16), "taps"), ((131072, 3, 32), "im2col"), ((131072, 3, 16), "native"),
+        ((32768, 128, 128), "taps"), ((32768, 128, 64), "taps"), ((32768, 128, 3), "im2col"),
+        ((32768, 64, 64), "taps"), ((32768, 64, 32), "taps"), ((32768, 64, 2), "im2col"),
+        ((32768, 48, 16), "native"), ((32768, 32, 64), "taps"), ((32768, 32, 32), "taps"),
+        ((32768, 32, 16), "native"), ((32768, 32, 3), "im2col"), ((32768, 16, 32), "taps"),
+        ((32768, 16, 16), "native"), ((32768, 16, 3), "taps"), ((32768, 16, 2), "im2col"),
+        ((32768, 6, 64), "im2col"), ((32768, 6, 16), "native"), ((32768, 3, 128), "im2col"),
+        ((32768, 3, 32), "taps"), ((32768, 3, 16), "native"), ((8192, 256, 256), "taps"),
+        ((8192, 256, 128), "taps"), ((8192, 192, 64), "taps"), ((8192, 128, 256), "taps"),
+        ((8192, 128, 128), "taps"), ((8192, 128, 64), "taps"), ((8192, 96, 32), "im2col"),
+        ((8192, 64, 128), "im2col"), ((8192, 64, 64), "im2col"), ((8192, 64, 32), "im2col"),
+        ((8192, 48, 16), "native"), ((8192, 32, 64), "im2col"), ((8192, 32, 32), "taps"),
+        ((8192, 32, 16), "taps"), ((8192, 16, 32), "taps"), ((8192, 16, 16), "native"),
+        ((2048, 512, 512), "taps"), ((2048, 512, 256), "im2col"), ((2048, 384, 128), "taps"),
+        ((2048, 256, 512), "im2col"), ((2048, 256, 256), "im2col"), ((2048, 256, 128), "im2col"),
+        ((2048, 192, 64), "taps"), ((2048, 128, 256), "im2col"), ((2048, 128, 128), "taps"),
+        ((2048, 128, 64), "im2col"), ((2048, 96, 32), "im2col"), ((2048, 64, 128), "im2col"),
+        ((2048, 64, 64), "im2col"), ((2048, 64, 32), "im2col"), ((2048, 32, 64), "im2col"),
+        ((2048, 32, 32), "native"), ((512, 1024, 1024), "im2col"), ((512, 1024, 512), "im2col"),
+        ((512, 768, 256), "im2col"), ((512, 512, 1024), "im2col"), ((512, 512, 512), "native"),
+        ((512, 512, 256), "im2col"), ((512, 256, 512), "taps"), ((512, 256, 256), "im2col"),
+        ((512, 256, 128), "im2col"), ((512, 192, 64), "im2col"), ((512, 128, 256), "im2col"),
+        ((512, 128, 128), "taps"), ((512, 128, 64), "im2col"), ((512, 64, 128), "im2col"),
+        ((512, 64, 64), "native"), ((128, 1024, 1024), "im2col"), ((128, 1024, 512), "im2col"),
+        ((128, 512, 512), "im2col"), ((128, 256, 256), "im2col"), ((128, 256, 128), "im2col"),
+        ((128, 128, 128), "im2col"), ((32, 512, 512), "im2col"), ((32, 128, 128), "im2col"),
+    ),
+}
 
 
-def cpu_weight_grad_method(rows: int, cin: int, cout: int) -> str:
-  """The ``CPU_WEIGHT_GRAD_TABLE`` method of the measured shape nearest to (rows, Cin, Cout) (log scale)."""
+@functools.cache
+def cpu_table_name() -> str:
+  """Which ``CPU_WEIGHT_GRAD_TABLES`` entry this host uses: ``$DRAEM_CPU_CONV_TABLE`` if set, else
+  "avx512" where the CPU flags (Linux ``/proc/cpuinfo``) list avx512f, else "avx2" (also where they cannot
+  be read, e.g. macOS or ARM, where neither table was measured).
+
+  The choice changes only speed and float rounding: set the variable to make two machines run the same
+  methods (e.g. to reproduce a run bit for bit on another CPU).
+  """
+  name = os.environ.get("DRAEM_CPU_CONV_TABLE", "")
+  if name:
+    if name not in CPU_WEIGHT_GRAD_TABLES:
+      raise ValueError(f"DRAEM_CPU_CONV_TABLE={name!r}: use one of {sorted(CPU_WEIGHT_GRAD_TABLES)}")
+    return name
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      return table_name_from_cpuinfo(f.read())
+  except OSError:
+    return "avx2"
+
+
+def table_name_from_cpuinfo(text: str) -> str:
+  """"avx512" if a ``flags`` line of /proc/cpuinfo text lists avx512f, else "avx2"."""
+  for line in text.splitlines():
+    if line.startswith("flags") and "avx512f" in line.split(":", 1)[-1].split():
+      return "avx512"
+  return "avx2"
+
+
+def cpu_weight_grad_method(rows: int, cin: int, cout: int, table: str | None = None) -> str:
+  """The method of the measured shape nearest to (rows, Cin, Cout) (log scale) in
+  ``CPU_WEIGHT_GRAD_TABLES[table]`` (default: this host's, ``cpu_table_name()``)."""
+  entries = CPU_WEIGHT_GRAD_TABLES[table or cpu_table_name()]
   key = np.log2([rows, cin, cout])
-  dist = [float(np.sum((np.log2(shape) - key)**2)) for shape, _ in CPU_WEIGHT_GRAD_TABLE]
-  return CPU_WEIGHT_GRAD_TABLE[int(np.argmin(dist))][1]
+  dist = [float(np.sum((np.log2(shape) - key)**2)) for shape, _ in entries]
+  return entries[int(np.argmin(dist))][1]
 
 
 def _native_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -180,8 +250,8 @@ def conv3x3(x: jax.Array, kernel: jax.Array, *, weight_grad: str = "auto") -> ja
   Args:
     x: (N, H, W, Cin) float array.
     kernel: (3, 3, Cin, Cout) HWIO array of the same dtype as ``x``.
-    weight_grad: "auto" (on CPU the ``CPU_WEIGHT_GRAD_TABLE`` choice for this shape, elsewhere XLA's),
-      or one of ``WEIGHT_GRAD_METHODS`` to force one (on any backend; for tests and measurements).
+    weight_grad: "auto" (on CPU this host's ``CPU_WEIGHT_GRAD_TABLES`` choice for this shape, elsewhere
+      XLA's), or one of ``WEIGHT_GRAD_METHODS`` to force one (on any backend; for tests and measurements).
 
   Returns:
     (N, H, W, Cout) array of ``x``'s dtype. Forward values are identical on every path; gradients agree to

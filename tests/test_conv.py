@@ -84,9 +84,13 @@ def test_gradients_equal_native_and_numpy(method, cin, cout):
 
 def test_auto_uses_the_table_on_cpu():
   # Each measured shape maps to its own entry; a shape between entries takes the nearest (log scale).
-  for (rows, cin, cout), method in conv.CPU_WEIGHT_GRAD_TABLE:
-    assert conv.cpu_weight_grad_method(rows, cin, cout) == method
-  assert {m for _, m in conv.CPU_WEIGHT_GRAD_TABLE} <= set(conv.WEIGHT_GRAD_METHODS)
+  for name, table in conv.CPU_WEIGHT_GRAD_TABLES.items():
+    for (rows, cin, cout), method in table:
+      assert conv.cpu_weight_grad_method(rows, cin, cout, name) == method
+    assert {m for _, m in table} <= set(conv.WEIGHT_GRAD_METHODS)
+  # The two CPUs' tables disagree on shapes the demo trains (widths 16/16 at 128 px, full resolution).
+  assert conv.cpu_weight_grad_method(131072, 16, 16, "avx512") == "native"
+  assert conv.cpu_weight_grad_method(131072, 16, 16, "avx2") == "taps"
   # What "auto" lowers to: native has no dot_general in its backward, im2col one, taps a loop of them.
   x, k, g = _data(shape=(2, 6, 5, 8), cout=16)
 
@@ -104,6 +108,28 @@ def test_auto_uses_the_table_on_cpu():
   assert jaxpr("auto") == jaxpr(expected)
   with pytest.raises(ValueError, match="weight_grad"):
     conv.conv3x3(x, k, weight_grad="fast")
+
+
+def test_the_cpu_table_follows_the_cpu_flags_and_the_variable(monkeypatch):
+  intel = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\nbugs\t\t: spectre_v1\n"
+  amd = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\nbugs\t\t: avx512f_not_a_flag\n"
+  assert conv.table_name_from_cpuinfo(intel) == "avx512"
+  assert conv.table_name_from_cpuinfo(amd) == "avx2"
+  assert conv.table_name_from_cpuinfo("") == "avx2"
+  conv.cpu_table_name.cache_clear()
+  try:
+    for name in conv.CPU_WEIGHT_GRAD_TABLES:
+      monkeypatch.setenv("DRAEM_CPU_CONV_TABLE", name)
+      conv.cpu_table_name.cache_clear()
+      assert conv.cpu_table_name() == name
+      assert conv.cpu_weight_grad_method(131072, 16, 16) == conv.cpu_weight_grad_method(131072, 16, 16, name)
+    monkeypatch.setenv("DRAEM_CPU_CONV_TABLE", "neon")
+    conv.cpu_table_name.cache_clear()
+    with pytest.raises(ValueError, match="DRAEM_CPU_CONV_TABLE='neon'"):
+      conv.cpu_table_name()
+  finally:
+    monkeypatch.delenv("DRAEM_CPU_CONV_TABLE")
+    conv.cpu_table_name.cache_clear()
 
 
 @pytest.mark.parametrize("method", conv.WEIGHT_GRAD_METHODS)
