@@ -191,18 +191,19 @@ _TAPS = tuple((i, j) for i in range(3) for j in range(3))
 
 
 def _weight_grad(x: jax.Array, dy: jax.Array, method: str) -> jax.Array:
-  """dL/dkernel (3, 3, Cin, Cout) of a stride-1 SAME 3x3 conv, float32 accumulation.
+  """dL/dkernel (3, 3, Cin, Cout) of a stride-1 SAME 3x3 conv, accumulated in float32 (float64 for float64).
 
   dW[i, j] = sum_p pad(x)[p + (i, j)] dy[p]^T = sum_q x[q] pad(dy)[q + (2 - i, 2 - j)]^T: either operand
   can be the shifted one, so the narrower one is (fewer bytes copied).
   """
   n, h, w, cin = x.shape
   cout = dy.shape[-1]
+  acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
   if method == "native":
     zero_kernel = jnp.zeros((3, 3, cin, cout), x.dtype)  # Linear in the kernel: its value is unused.
-    return jax.vjp(lambda k: _native_conv(x, k), zero_kernel)[1](dy)[0].astype(jnp.float32)
+    return jax.vjp(lambda k: _native_conv(x, k), zero_kernel)[1](dy)[0].astype(acc_dtype)
   rows = n * h * w
-  dot = functools.partial(lax.dot_general, dimension_numbers=_ROWS, preferred_element_type=jnp.float32)
+  dot = functools.partial(lax.dot_general, dimension_numbers=_ROWS, preferred_element_type=acc_dtype)
   shift_dy = cout < cin
   narrow, fixed = (dy, x.reshape(rows, cin)) if shift_dy else (x, dy.reshape(rows, cout))
   c = narrow.shape[-1]
@@ -213,12 +214,13 @@ def _weight_grad(x: jax.Array, dy: jax.Array, method: str) -> jax.Array:
     g = dot(jnp.concatenate(windows, axis=-1).reshape(rows, 9 * c), fixed).reshape(9, c, -1)
   elif method == "taps":
     offs = jnp.asarray(offsets, jnp.int32)
+    zero = jnp.zeros((), jnp.int32)  # dynamic_slice wants one index dtype (a Python 0 is int64 under x64)
 
     def tap(t, acc):
-      window = lax.dynamic_slice(padded, (0, offs[t, 0], offs[t, 1], 0), (n, h, w, c))
+      window = lax.dynamic_slice(padded, (zero, offs[t, 0], offs[t, 1], zero), (n, h, w, c))
       return acc.at[t].set(dot(window.reshape(rows, c), fixed))
 
-    g = lax.fori_loop(0, 9, tap, jnp.zeros((9, c, fixed.shape[-1]), jnp.float32))
+    g = lax.fori_loop(0, 9, tap, jnp.zeros((9, c, fixed.shape[-1]), acc_dtype))
   else:
     raise ValueError(f"conv3x3: weight_grad must be one of {WEIGHT_GRAD_METHODS}, got {method!r}.")
   g = g.reshape(3, 3, c, -1)

@@ -82,6 +82,18 @@ def test_gradients_equal_native_and_numpy(method, cin, cout):
   assert _rel(dx_nat, dx_np) < 1e-5 and _rel(dk_nat, dk_np) < 1e-5
 
 
+
+@pytest.mark.parametrize("method", conv.WEIGHT_GRAD_METHODS)
+def test_float64_gradients_stay_float64(method):
+  # Under x64 a Python index is int64 (the taps loop's slice offsets once mixed int32 and int64), and a
+  # float64 weight gradient must not be accumulated in float32 (float64 checks of whole steps rely on it).
+  with jax.enable_x64(True):
+    x, k, g = (a.astype(jnp.float64) for a in _data(shape=(2, 6, 5, 8), cout=4))
+    dx, dk = _grads(method, x, k, g)
+    assert dx.dtype == dk.dtype == jnp.float64
+    dx_np, dk_np = _np_conv3x3_grads(x, k, g)
+    assert _rel(dx, dx_np) < 1e-12 and _rel(dk, dk_np) < 1e-12
+
 def test_auto_uses_the_table_on_cpu():
   # Each measured shape maps to its own entry; a shape between entries takes the nearest (log scale).
   for name, table in conv.CPU_WEIGHT_GRAD_TABLES.items():
