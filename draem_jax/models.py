@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from draem_jax import batchnorm
 from draem_jax import conv as conv_lib
 
 # flax momentum is the weight of the *old* running value: 0.9 here = PyTorch momentum 0.1.
@@ -134,12 +135,12 @@ def _check_input(x: jax.Array, multiple: int, what: str) -> None:
                      f"max-pool), got input shape {x.shape}; resize or pad the images, e.g. to 256x256.")
 
 
-# DRAEM's BatchNorm2d. use_fast_variance=False: flax's default E[x^2] - E[x]^2 cancels catastrophically
-# when |mean| >> std (conv outputs with large biases), which made gradients depend on the reduction order,
-# i.e. on the device count, by several percent. The two-pass variance is what PyTorch computes.
-BatchNorm: ModuleDef = functools.partial(nn.BatchNorm, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                                         param_dtype=jnp.float32, scale_init=_bn_scale_init,
-                                         use_fast_variance=False)
+# DRAEM's BatchNorm2d: ``batchnorm.BatchNorm`` is flax's with use_fast_variance=False (the default
+# E[x^2] - E[x]^2 cancels catastrophically when |mean| >> std, conv outputs with large biases, which made
+# gradients depend on the reduction order, i.e. on the device count, by several percent; the two-pass
+# variance is what PyTorch computes), with the closed-form training backward.
+BatchNorm: ModuleDef = functools.partial(batchnorm.BatchNorm, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                                         param_dtype=jnp.float32, scale_init=_bn_scale_init)
 
 
 # Initialisation schemes of the conv kernels (and BN scales), ``DRAEM.init_scheme`` (docs/recipe.md):
