@@ -144,7 +144,7 @@ def cpu_table_name() -> str:
   be read, e.g. macOS or ARM, where neither table was measured).
 
   The choice changes only speed and float rounding: set the variable to make two machines run the same
-  methods (e.g. to reproduce a run bit for bit on another CPU).
+  methods (their results can still differ in the last bits where XLA compiles for different vector units).
   """
   name = os.environ.get("DRAEM_CPU_CONV_TABLE", "")
   if name:
