@@ -37,6 +37,7 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
+import orbax.checkpoint as ocp
 
 from draem_jax import checkpointing
 from draem_jax import evaluate
@@ -111,10 +112,20 @@ def _started_by_this_overwrite(workdir, config, latest: int, total_steps: int) -
   return bool(saved.get("overwrite")) and not rundir.config_changes(saved, config)
 
 
+# How long a process of a multi-process run waits at a barrier for the slowest one (reading data,
+# compiling on a loaded host).
+BARRIER_TIMEOUT_S = 20 * 60
+
+
 def _sync(name: str) -> None:
+  """Waits for every process at the coordination service's barrier ``name`` (no-op in one process).
+
+  Not a collective: on CPU the first gloo collective waits only 30 s (fixed in XLA) for the slowest
+  process to join, and a two-process CI run on two loaded cores failed there, in the checkpoint
+  manager's first sync. A barrier before the first collective puts every process at it together.
+  """
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # only needed on multi-process runs
-    multihost_utils.sync_global_devices(name)
+    ocp.multihost.get_barrier_sync_fn()(key=f"draem_jax_{name}", timeout_ms=BARRIER_TIMEOUT_S * 1000)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -235,9 +246,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
   # single-process run it compiles in a thread while the state is initialised or restored: with a cold
   # compilation cache these are a short run's two slowest compilations (the initialiser draws ~200
   # parameter tensors), and XLA compiles without the GIL, so on two cores the two overlap. Not with
-  # several processes: the first collective after the compilations (the checkpoint manager's) waits
-  # only 30 s for the slowest process over gloo on CPU, and with both compilations before it the
-  # suite's two-process test timed out there on a loaded 2-core machine.
+  # several processes: there the processes meet at a barrier before each stage with collectives
+  # (orbax's restore and manager, the step's all-reduce; see _sync), and a compilation running beside
+  # the restore would spread them apart again.
   step_fn = steps.jit_train_step(
       mesh, model=model, tx=tx, synthesis_config=recipes.synthesis_config(config), schedule=schedule,
       batch_size=config.batch_size, data_seed=config.seed,
@@ -249,8 +260,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
       state, start = _initial_state(status, workdir, init_fn, seed_key, abstract, ema_decay, total_steps)
       train_step = compiled_step.result()
   else:
+    _sync("state")
     state, start = _initial_state(status, workdir, init_fn, seed_key, abstract, ema_decay, total_steps)
-    train_step = step_fn
+    train_step = step_fn.lower(abstract, train_images, sources).compile()
+    _sync("compiled")
 
   mngr = checkpointing.manager(workdir, keep=config.keep_checkpoints)
   writer = writers.MetricWriter(workdir, resume_step=start if status == "resume" else None)

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 
 os.environ["JAX_PLATFORMS"] = "cpu"
 
@@ -29,6 +30,18 @@ from draem_jax import rundir  # noqa: E402
 from draem_jax import train  # noqa: E402
 
 if __name__ == "__main__":
+  # The last process builds its state late (TEST_SLOW_STATE_S), like a loaded host: gloo's first
+  # collective (the checkpoint manager's, after the state) waits only 30 s for it, so this fails unless
+  # the processes meet at a barrier first.
+  slow_state_s = float(os.environ.get("TEST_SLOW_STATE_S", "0"))
+  if pid == nproc - 1 and slow_state_s:
+    initial_state = train._initial_state
+
+    def slow_initial_state(*args, **kwargs):
+      time.sleep(slow_state_s)
+      return initial_state(*args, **kwargs)
+
+    train._initial_state = slow_initial_state
   config = recipes.tiny()
   config.data_dir = data_dir
   config.num_epochs = 5  # 20 steps: the kill (after checkpoint 4) lands well before the end

@@ -107,10 +107,11 @@ def test_two_processes_match_one_process(tmp_path):
   assert len(set(single["losses"])) == 3
 
 
-def _train_procs(workdir, data_dir, cache_dir, log_dir) -> list[subprocess.Popen]:
+def _train_procs(workdir, data_dir, cache_dir, log_dir, slow_state_s: float = 0) -> list[subprocess.Popen]:
   port = _free_port()
   # A shared compilation cache: the rerun and the second run compile little (2 loaded cores).
-  env = _env(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  env = _env(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             TEST_SLOW_STATE_S=str(slow_state_s))
   return [_spawn([str(TRAIN_WORKER), str(i), "2", str(port), str(workdir), str(data_dir)], env, log_dir)
           for i in range(2)]
 
@@ -146,6 +147,7 @@ def test_killed_process_stops_the_other_with_one_line_and_rerun_resumes_bit_iden
 
   # The same command again resumes.
   resumed = _finish(_train_procs(workdir, data_dir, cache, tmp_path / "logs" / "resumed"))
+  # Its second process builds its state 40 s late, more than gloo's first collective waits (30 s).
   reference = _finish(_train_procs(tmp_path / "uninterrupted", data_dir, cache,
-                                   tmp_path / "logs" / "reference"))
+                                   tmp_path / "logs" / "reference", slow_state_s=40))
   assert resumed == reference and resumed["step"] == 20  # bit-identical variables
