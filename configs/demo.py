@@ -12,8 +12,9 @@ normal-image rotation.
 
 Expected result with the default seed 0: image AUROC 0.955, pixel AP 0.483 on the demo's test split (20 good,
 40 defective images, so one image moves image AUROC by up to 2.5 points), identical in reruns (jax 0.10.2, an
-AMD EPYC CPU, measured cold and warm 2026-12-03 after the CPU-specific convolution table and the closed-form
-BatchNorm backward, which change float rounding; before them 0.961 / 0.501, measured 2026-12-02 and
+AMD EPYC CPU without AVX-512, measured cold and warm 2026-12-03 after the CPU-specific convolution table and
+the closed-form BatchNorm backward, which change float rounding; on an AMD EPYC with AVX-512, which takes the
+other table, 0.939 / 0.487, cold and warm, 2026-12-04; before them 0.961 / 0.501, measured 2026-12-02 and
 2026-12-03); the README's quick start gives the wall time. Measured on 2026-12-01 (before the kernels were
 drawn flat, which keeps the weights bit for bit, and under the package versions installed then): 0.9375 /
 0.485 for seed 0, and over seeds 0-5 0.9375, 0.985, 0.9675, 0.964, 0.940, 0.979 (mean 0.962; pixel AP
