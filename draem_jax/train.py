@@ -40,6 +40,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from draem_jax import checkpointing
+from draem_jax import conv
 from draem_jax import evaluate
 from draem_jax import parallel
 from draem_jax import recipes
@@ -195,6 +196,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
     TrainingError, ValueError, OSError: one-line messages naming the field or file.
   """
   recipes.validate(config)
+  if jax.default_backend() == "cpu":
+    conv.cpu_table_name()  # a bad DRAEM_CPU_CONV_TABLE: one line now, not at the first trace after setup
   workdir = rundir.path(workdir)
   logging.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from draem_jax import checkpointing
+from draem_jax import conv
 from draem_jax import recipes
 from draem_jax import rundir
 from draem_jax import train
@@ -184,6 +185,18 @@ def test_cli_bad_inputs_give_clear_errors(tmp_path):
            f"--config.data_dir={tmp_path / 'nowhere'}")
   assert r.returncode != 0
   assert "nowhere" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_bad_conv_table_variable_stops_training_before_it_writes_anything(tmp_path, monkeypatch):
+  monkeypatch.setenv("DRAEM_CPU_CONV_TABLE", "neon")
+  conv.cpu_table_name.cache_clear()
+  try:
+    with pytest.raises(ValueError, match="DRAEM_CPU_CONV_TABLE='neon': use one of"):
+      train.train_and_evaluate(load_demo_config(), tmp_path / "run")
+  finally:
+    monkeypatch.delenv("DRAEM_CPU_CONV_TABLE")
+    conv.cpu_table_name.cache_clear()
+  assert not (tmp_path / "run").exists()
 
 
 def test_an_unexpected_error_in_a_multi_process_run_ends_the_process_at_once(monkeypatch, capsys):
