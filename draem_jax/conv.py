@@ -134,14 +134,46 @@ CPU_WEIGHT_GRAD_TABLES: dict[str, _WeightGradTable] = {
         ((128, 512, 512), "im2col"), ((128, 256, 256), "im2col"), ((128, 256, 128), "im2col"),
         ((128, 128, 128), "im2col"), ((32, 512, 512), "im2col"), ((32, 128, 128), "im2col"),
     ),
+    # 2 idle AMD EPYC cores with AVX-512 (family 25: Zen 4); the same five sizes as "avx2". XLA's own weight
+    # gradient wins most full-width layers here, where the Intel table picks the GEMMs.
+    "avx512_amd": (
+        ((131072, 32, 32), "native"), ((131072, 32, 16), "taps"), ((131072, 32, 3), "im2col"),
+        ((131072, 16, 16), "taps"), ((131072, 16, 3), "im2col"), ((131072, 16, 2), "taps"),
+        ((131072, 6, 16), "taps"), ((131072, 3, 32), "native"), ((131072, 3, 16), "native"),
+        ((32768, 128, 128), "taps"), ((32768, 128, 64), "native"), ((32768, 128, 3), "im2col"),
+        ((32768, 64, 64), "native"), ((32768, 64, 32), "native"), ((32768, 64, 2), "im2col"),
+        ((32768, 48, 16), "taps"), ((32768, 32, 64), "native"), ((32768, 32, 32), "native"),
+        ((32768, 32, 16), "taps"), ((32768, 32, 3), "im2col"), ((32768, 16, 32), "native"),
+        ((32768, 16, 16), "native"), ((32768, 16, 3), "taps"), ((32768, 16, 2), "im2col"),
+        ((32768, 6, 64), "taps"), ((32768, 6, 16), "native"), ((32768, 3, 128), "im2col"),
+        ((32768, 3, 32), "native"), ((32768, 3, 16), "native"), ((8192, 256, 256), "native"),
+        ((8192, 256, 128), "native"), ((8192, 192, 64), "native"), ((8192, 128, 256), "native"),
+        ((8192, 128, 128), "native"), ((8192, 128, 64), "im2col"), ((8192, 96, 32), "native"),
+        ((8192, 64, 128), "native"), ((8192, 64, 64), "native"), ((8192, 64, 32), "native"),
+        ((8192, 48, 16), "taps"), ((8192, 32, 64), "native"), ((8192, 32, 32), "native"),
+        ((8192, 32, 16), "taps"), ((8192, 16, 32), "native"), ((8192, 16, 16), "native"),
+        ((2048, 512, 512), "native"), ((2048, 512, 256), "native"), ((2048, 384, 128), "native"),
+        ((2048, 256, 512), "native"), ((2048, 256, 256), "native"), ((2048, 256, 128), "native"),
+        ((2048, 192, 64), "im2col"), ((2048, 128, 256), "native"), ((2048, 128, 128), "native"),
+        ((2048, 128, 64), "im2col"), ((2048, 96, 32), "native"), ((2048, 64, 128), "native"),
+        ((2048, 64, 64), "native"), ((2048, 64, 32), "native"), ((2048, 32, 64), "native"),
+        ((2048, 32, 32), "native"), ((512, 1024, 1024), "im2col"), ((512, 1024, 512), "native"),
+        ((512, 768, 256), "native"), ((512, 512, 1024), "taps"), ((512, 512, 512), "native"),
+        ((512, 512, 256), "native"), ((512, 256, 512), "im2col"), ((512, 256, 256), "native"),
+        ((512, 256, 128), "im2col"), ((512, 192, 64), "im2col"), ((512, 128, 256), "native"),
+        ((512, 128, 128), "im2col"), ((512, 128, 64), "native"), ((512, 64, 128), "native"),
+        ((512, 64, 64), "native"), ((128, 1024, 1024), "im2col"), ((128, 1024, 512), "native"),
+        ((128, 512, 512), "taps"), ((128, 256, 256), "native"), ((128, 256, 128), "im2col"),
+        ((128, 128, 128), "native"), ((32, 512, 512), "im2col"), ((32, 128, 128), "im2col"),
+    ),
 }
 
 
 @functools.cache
 def cpu_table_name() -> str:
-  """Which ``CPU_WEIGHT_GRAD_TABLES`` entry this host uses: ``$DRAEM_CPU_CONV_TABLE`` if set, else
-  "avx512" where the CPU flags (Linux ``/proc/cpuinfo``) list avx512f, else "avx2" (also where they cannot
-  be read, e.g. macOS or ARM, where neither table was measured).
+  """Which ``CPU_WEIGHT_GRAD_TABLES`` entry this host uses: ``$DRAEM_CPU_CONV_TABLE`` if set, else from
+  Linux ``/proc/cpuinfo`` (``table_name_from_cpuinfo``); "avx2" where it cannot be read (e.g. macOS; on ARM
+  no table was measured).
 
   The choice changes only speed and float rounding: set the variable to make two machines run the same
   methods (their results can still differ in the last bits where XLA compiles for different vector units).
@@ -159,11 +191,16 @@ def cpu_table_name() -> str:
 
 
 def table_name_from_cpuinfo(text: str) -> str:
-  """"avx512" if a ``flags`` line of /proc/cpuinfo text lists avx512f, else "avx2"."""
+  """The table for /proc/cpuinfo ``text``: "avx512_amd" where the ``flags`` list avx512f and the
+  ``vendor_id`` is AuthenticAMD, "avx512" for other CPUs with avx512f (measured on an Intel Xeon), else
+  "avx2". The first processor's lines decide."""
+  fields = {}
   for line in text.splitlines():
-    if line.startswith("flags") and "avx512f" in line.split(":", 1)[-1].split():
-      return "avx512"
-  return "avx2"
+    key, _, value = line.partition(":")
+    fields.setdefault(key.strip(), value.strip())
+  if "avx512f" not in fields.get("flags", "").split():
+    return "avx2"
+  return "avx512_amd" if fields.get("vendor_id") == "AuthenticAMD" else "avx512"
 
 
 def cpu_weight_grad_method(rows: int, cin: int, cout: int, table: str | None = None) -> str:

@@ -103,6 +103,8 @@ def test_auto_uses_the_table_on_cpu():
   # The two CPUs' tables disagree on shapes the demo trains (widths 16/16 at 128 px, full resolution).
   assert conv.cpu_weight_grad_method(131072, 16, 16, "avx512") == "native"
   assert conv.cpu_weight_grad_method(131072, 16, 16, "avx2") == "taps"
+  assert conv.cpu_weight_grad_method(8192, 128, 256, "avx512") == "taps"
+  assert conv.cpu_weight_grad_method(8192, 128, 256, "avx512_amd") == "native"
   # What "auto" lowers to: native has no dot_general in its backward, im2col one, taps a loop of them.
   x, k, g = _data(shape=(2, 6, 5, 8), cout=16)
 
@@ -123,10 +125,15 @@ def test_auto_uses_the_table_on_cpu():
 
 
 def test_the_cpu_table_follows_the_cpu_flags_and_the_variable(monkeypatch):
-  intel = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\nbugs\t\t: spectre_v1\n"
-  amd = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\nbugs\t\t: avx512f_not_a_flag\n"
+  intel = ("processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n"
+           "bugs\t\t: spectre_v1\n")
+  amd = ("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 fma\n"
+         "bugs\t\t: avx512f_not_a_flag\n")
+  amd_avx512 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nflags\t\t: fpu avx2 avx512f\n"
   assert conv.table_name_from_cpuinfo(intel) == "avx512"
   assert conv.table_name_from_cpuinfo(amd) == "avx2"
+  assert conv.table_name_from_cpuinfo(amd_avx512) == "avx512_amd"
+  assert conv.table_name_from_cpuinfo(amd_avx512.replace("AuthenticAMD", "GenuineIntel")) == "avx512"
   assert conv.table_name_from_cpuinfo("") == "avx2"
   conv.cpu_table_name.cache_clear()
   try:
