@@ -13,18 +13,19 @@ normal-image rotation.
 Expected result with the default seed 0: image AUROC 0.955, pixel AP 0.483 on the demo's test split (20 good,
 40 defective images, so one image moves image AUROC by up to 2.5 points), identical in reruns (jax 0.10.2, an
 AMD EPYC CPU without AVX-512, measured cold and warm 2026-12-03 after the CPU-specific convolution table and
-the closed-form BatchNorm backward, which change float rounding; on an AMD EPYC with AVX-512, which takes the
-other table, 0.939 / 0.487, cold and warm, 2026-12-04; before them 0.961 / 0.501, measured 2026-12-02 and
-2026-12-03); the README's quick start gives the wall time. Measured on 2026-12-01 (before the kernels were
-drawn flat, which keeps the weights bit for bit, and under the package versions installed then): 0.9375 /
-0.485 for seed 0, and over seeds 0-5 0.9375, 0.985, 0.9675, 0.964, 0.940, 0.979 (mean 0.962; pixel AP
-0.46-0.49; seeds 1-5 run in process with one XLA thread). The spread is chaotic rather than a property of a
-seed: the same seeds gave 0.968, 0.986, 0.995, 0.918, 0.780, 0.896 before the synthesis rewrites of 2026-12
-changed some augmented pixels in their last bits, and 0.953, 0.965, 0.932 (seeds 0-2) between two of those
-rewrites. Tried on seeds 0-5 without narrowing it: an EMA of the weights (decay 0.9) as the model (0.963,
-0.969, 1.000, 0.951, 0.753, 0.939), fast's retry + focal weight 0.1 on normal pixels (seeds 0-3: 0.990, 0.981,
-0.889, 0.885; at 120 steps 0.988, 0.929, 0.888, 0.870), and a Perlin resolution up to 8 instead of 32
-(``synthesis.max_log2_res=4``, DRAEM's scale relative to a 256-pixel image; seeds 0-2: 0.951, 0.892, 0.853).
+the closed-form BatchNorm backward, which change float rounding; on an AMD EPYC with AVX-512, with its own
+table, 0.950 / 0.467, cold and warm, 2026-12-04 (0.939 / 0.487 with the Intel machine's table); before them
+0.961 / 0.501, measured 2026-12-02 and 2026-12-03); the README's quick start gives the wall time. Measured on
+2026-12-01 (before the kernels were drawn flat, which keeps the weights bit for bit, and under the package
+versions installed then): 0.9375 / 0.485 for seed 0, and over seeds 0-5 0.9375, 0.985, 0.9675, 0.964, 0.940,
+0.979 (mean 0.962; pixel AP 0.46-0.49; seeds 1-5 run in process with one XLA thread). The spread is chaotic
+rather than a property of a seed: the same seeds gave 0.968, 0.986, 0.995, 0.918, 0.780, 0.896 before the
+synthesis rewrites of 2026-12 changed some augmented pixels in their last bits, and 0.953, 0.965, 0.932 (seeds
+0-2) between two of those rewrites. Tried on seeds 0-5 without narrowing it: an EMA of the weights (decay 0.9)
+as the model (0.963, 0.969, 1.000, 0.951, 0.753, 0.939), fast's retry + focal weight 0.1 on normal pixels
+(seeds 0-3: 0.990, 0.981, 0.889, 0.885; at 120 steps 0.988, 0.929, 0.888, 0.870), and a Perlin resolution up
+to 8 instead of 32 (``synthesis.max_log2_res=4``, DRAEM's scale relative to a 256-pixel image; seeds 0-2:
+0.951, 0.892, 0.853).
 
 How the recipe was chosen (before the synthesis rewrites; image AUROC on the demo test split, one run
 each unless seeds are listed; the metric code of ``draem_jax.evaluate``):
