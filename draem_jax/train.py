@@ -257,15 +257,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict[str, 
       batch_size=config.batch_size, data_seed=config.seed,
       crop_size=config.image_size if config.train_crop else None, ema_decay=ema_decay,
       loss_config=recipes.loss_config(config))
+  def compile_step():
+    return step_fn.lower(abstract, train_images, sources).compile()
+
   if jax.process_count() == 1:
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile_train_step") as pool:
-      compiled_step = pool.submit(lambda: step_fn.lower(abstract, train_images, sources).compile())
+      compiled_step = pool.submit(compile_step)
       state, start = _initial_state(status, workdir, init_fn, seed_key, abstract, ema_decay, total_steps)
       train_step = compiled_step.result()
   else:
     _sync("state")
     state, start = _initial_state(status, workdir, init_fn, seed_key, abstract, ema_decay, total_steps)
-    train_step = step_fn.lower(abstract, train_images, sources).compile()
+    train_step = compile_step()
     _sync("compiled")
 
   mngr = checkpointing.manager(workdir, keep=config.keep_checkpoints)

@@ -40,3 +40,18 @@ def shared_data():
   if not SHARED_DATA.is_dir():
     pytest.skip(f"real test data not found at {SHARED_DATA} (only present in CI and dev checkouts)")
   return SHARED_DATA
+
+
+@pytest.fixture
+def conv_table_variable(monkeypatch):
+  """Sets ``DRAEM_CPU_CONV_TABLE`` for this test: ``set_table(name)``, with ``conv.cpu_table_name``'s
+  cache cleared each time and again, the variable removed, after the test."""
+  from draem_jax import conv  # pylint: disable=g-import-not-at-top
+
+  def set_table(name: str) -> None:
+    monkeypatch.setenv("DRAEM_CPU_CONV_TABLE", name)
+    conv.cpu_table_name.cache_clear()
+
+  yield set_table
+  monkeypatch.delenv("DRAEM_CPU_CONV_TABLE", raising=False)
+  conv.cpu_table_name.cache_clear()

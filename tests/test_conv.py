@@ -124,7 +124,7 @@ def test_auto_uses_the_table_on_cpu():
     conv.conv3x3(x, k, weight_grad="fast")
 
 
-def test_the_cpu_table_follows_the_cpu_flags_and_the_variable(monkeypatch):
+def test_the_cpu_table_follows_the_cpu_flags_and_the_variable(conv_table_variable):
   intel = ("processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n"
            "bugs\t\t: spectre_v1\n")
   amd = ("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 fma\n"
@@ -135,20 +135,13 @@ def test_the_cpu_table_follows_the_cpu_flags_and_the_variable(monkeypatch):
   assert conv.table_name_from_cpuinfo(amd_avx512) == "avx512_amd"
   assert conv.table_name_from_cpuinfo(amd_avx512.replace("AuthenticAMD", "GenuineIntel")) == "avx512"
   assert conv.table_name_from_cpuinfo("") == "avx2"
-  conv.cpu_table_name.cache_clear()
-  try:
-    for name in conv.CPU_WEIGHT_GRAD_TABLES:
-      monkeypatch.setenv("DRAEM_CPU_CONV_TABLE", name)
-      conv.cpu_table_name.cache_clear()
-      assert conv.cpu_table_name() == name
-      assert conv.cpu_weight_grad_method(131072, 16, 16) == conv.cpu_weight_grad_method(131072, 16, 16, name)
-    monkeypatch.setenv("DRAEM_CPU_CONV_TABLE", "neon")
-    conv.cpu_table_name.cache_clear()
-    with pytest.raises(ValueError, match="DRAEM_CPU_CONV_TABLE='neon'"):
-      conv.cpu_table_name()
-  finally:
-    monkeypatch.delenv("DRAEM_CPU_CONV_TABLE")
-    conv.cpu_table_name.cache_clear()
+  for name in conv.CPU_WEIGHT_GRAD_TABLES:
+    conv_table_variable(name)
+    assert conv.cpu_table_name() == name
+    assert conv.cpu_weight_grad_method(131072, 16, 16) == conv.cpu_weight_grad_method(131072, 16, 16, name)
+  conv_table_variable("neon")
+  with pytest.raises(ValueError, match="DRAEM_CPU_CONV_TABLE='neon'"):
+    conv.cpu_table_name()
 
 
 @pytest.mark.parametrize("method", conv.WEIGHT_GRAD_METHODS)

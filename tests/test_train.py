@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from draem_jax import checkpointing
-from draem_jax import conv
 from draem_jax import recipes
 from draem_jax import rundir
 from draem_jax import train
@@ -187,15 +186,10 @@ def test_cli_bad_inputs_give_clear_errors(tmp_path):
   assert "nowhere" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_a_bad_conv_table_variable_stops_training_before_it_writes_anything(tmp_path, monkeypatch):
-  monkeypatch.setenv("DRAEM_CPU_CONV_TABLE", "neon")
-  conv.cpu_table_name.cache_clear()
-  try:
-    with pytest.raises(ValueError, match="DRAEM_CPU_CONV_TABLE='neon': use one of"):
-      train.train_and_evaluate(load_demo_config(), tmp_path / "run")
-  finally:
-    monkeypatch.delenv("DRAEM_CPU_CONV_TABLE")
-    conv.cpu_table_name.cache_clear()
+def test_a_bad_conv_table_variable_stops_training_before_it_writes_anything(tmp_path, conv_table_variable):
+  conv_table_variable("neon")
+  with pytest.raises(ValueError, match="DRAEM_CPU_CONV_TABLE='neon': use one of"):
+    train.train_and_evaluate(load_demo_config(), tmp_path / "run")
   assert not (tmp_path / "run").exists()
 
 
